@@ -1,0 +1,1 @@
+"""Local and cluster infrastructure: the loopback stack tests use, and cluster definitions."""

@@ -1,0 +1,74 @@
+"""The local stack itself: loopback-only listeners, S3 round trips, `ray job submit` reaching the venv
+and S3 from workers, and stopping one Ray head without touching another."""
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+
+from infra.local_stack import (LOOPBACK, _head_processes, _is_running, _job_api_answers,
+                               listening_ports, start_ray_head, stop_ray_head)
+
+pytestmark = pytest.mark.slow
+
+LOOPBACK_ADDRESSES = {LOOPBACK, "::ffff:127.0.0.1"}
+
+
+def test_ray_head_and_s3_endpoint_listen_on_loopback_only(ray_head, s3_endpoint):
+    listeners = listening_ports(_head_processes(ray_head) | {s3_endpoint.pid})
+    ports = {port for _, port, _ in listeners}
+    assert ray_head.ports["gcs"] in ports and ray_head.ports["dashboard"] in ports
+    assert int(s3_endpoint.endpoint_url.rsplit(":", 1)[1]) in ports
+    outside = [listener for listener in listeners if listener[0] not in LOOPBACK_ADDRESSES]
+    assert outside == [], f"listening beyond 127.0.0.1: {outside}"
+
+
+def test_s3_endpoint_round_trips_objects_and_parquet_through_s3fs(s3_filesystem, s3_bucket):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    s3_filesystem.pipe(f"{s3_bucket}/raw/a.bin", b"\x00\x01payload")
+    assert s3_filesystem.cat(f"{s3_bucket}/raw/a.bin") == b"\x00\x01payload"
+    table = pa.table({"image_uri": ["s3://x/1.jpg", "s3://x/2.jpg"], "score": [0.5, 0.25]})
+    pq.write_table(table, f"{s3_bucket}/tables/t.parquet", filesystem=s3_filesystem)
+    assert sorted(s3_filesystem.ls(f"{s3_bucket}/tables")) == [f"{s3_bucket}/tables/t.parquet"]
+    assert pq.read_table(f"{s3_bucket}/tables/t.parquet", filesystem=s3_filesystem).equals(table)
+
+
+def test_job_submit_runs_venv_python_and_workers_read_s3_with_runtime_env_credentials(
+        submit_ray_job, s3_endpoint, s3_filesystem, s3_bucket, tmp_path):
+    s3_filesystem.pipe(f"{s3_bucket}/probe.txt", b"from-moto")
+    (tmp_path / "probe_job.py").write_text(textwrap.dedent(f"""
+        import json, sys
+        import ray
+        import s3fs
+
+        @ray.remote
+        def read_probe():
+            return s3fs.S3FileSystem().cat("{s3_bucket}/probe.txt").decode()
+
+        ray.init()
+        print("RESULT " + json.dumps({{"python": sys.executable, "read": ray.get(read_probe.remote())}}))
+    """))
+
+    job = submit_ray_job(["python", "probe_job.py"], working_dir=tmp_path,
+                         env_vars=s3_endpoint.client_env(), timeout_s=120)
+
+    assert job.returncode == 0, job.output[-4000:]
+    result = json.loads(job.output.split("RESULT ", 1)[1].splitlines()[0])
+    assert result["read"] == "from-moto"
+    assert ".venv/bin/python" in result["python"]
+
+
+def test_stopping_a_second_head_leaves_the_session_head_running(ray_head):
+    second = start_ray_head(num_cpus=1, auth="disabled")
+    second_processes = _head_processes(second)
+    assert second.gcs_address != ray_head.gcs_address and len(second_processes) > 3
+
+    stop_ray_head(second)
+
+    assert not any(_is_running(pid) for pid in second_processes)
+    assert _is_running(ray_head.pid) and _job_api_answers(ray_head)
+    assert {port for _, port, _ in listening_ports(_head_processes(ray_head))} >= {
+        ray_head.ports["gcs"], ray_head.ports["dashboard"]}
