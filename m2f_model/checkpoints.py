@@ -1,0 +1,253 @@
+"""Loading and saving checkpoints in transformers' layout (`config.json` + `model.safetensors`).
+
+Our module tree mirrors transformers' Mask2Former, so most parameter names are identical. The differences are
+listed in ONE table, `TRANSFORMERS_TO_OURS`, applied in order to every checkpoint key:
+
+- Swin blocks: the on-disk layout (what the Hub checkpoints hold and what transformers 5.24 still writes) uses
+  `attention.self.{query,key,value}`, `attention.output.dense`, `intermediate.dense`, `output.dense`; we name them
+  `attention.{q,k,v,o}_proj` and `mlp.fc{1,2}` (as transformers 5.x does in memory).
+- transformers 5.x in-memory names (a state dict saved with `torch.save(model.state_dict())`) put the backbone
+  under `encoder.swin.` and the bias table under `attention.relative_position_bias.`.
+
+`IGNORED_CHECKPOINT_KEYS` lists keys that may be present but carry no weight of ours (checked, then dropped).
+Saving applies `OURS_TO_TRANSFORMERS`, the inverse of the Swin rows, so transformers' `from_pretrained` reads
+our files like its own.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from .configuration import CONFIG_NAME, Mask2FormerConfig
+from .swin import relative_position_index
+
+if TYPE_CHECKING:
+    from torch import nn
+
+__all__ = [
+    "TRANSFORMERS_TO_OURS",
+    "OURS_TO_TRANSFORMERS",
+    "IGNORED_CHECKPOINT_KEYS",
+    "SAFETENSORS_NAME",
+    "PYTORCH_BIN_NAME",
+    "CheckpointError",
+    "to_our_key",
+    "to_transformers_key",
+    "load_checkpoint_state_dict",
+    "from_pretrained",
+    "save_pretrained",
+]
+
+logger = logging.getLogger(__name__)
+
+SAFETENSORS_NAME = "model.safetensors"
+PYTORCH_BIN_NAME = "pytorch_model.bin"
+
+_BLOCK = r"(\.blocks\.\d+\.)"
+
+# (pattern in a transformers checkpoint key, replacement giving our key), applied in order.
+TRANSFORMERS_TO_OURS: list[tuple[str, str]] = [
+    # transformers 5.x in-memory layout of the backbone
+    (r"\.encoder\.swin\.encoder\.", ".encoder.encoder."),
+    (r"\.encoder\.swin\.embeddings\.", ".encoder.embeddings."),
+    (_BLOCK + r"attention\.relative_position_bias\.relative_position_bias_table$",
+     r"\1attention.relative_position_bias_table"),
+    # on-disk (Hub / transformers save_pretrained) layout of a Swin block
+    (_BLOCK + r"attention\.self\.query\.", r"\1attention.q_proj."),
+    (_BLOCK + r"attention\.self\.key\.", r"\1attention.k_proj."),
+    (_BLOCK + r"attention\.self\.value\.", r"\1attention.v_proj."),
+    (_BLOCK + r"attention\.self\.relative_position_bias_table$", r"\1attention.relative_position_bias_table"),
+    (_BLOCK + r"attention\.output\.dense\.", r"\1attention.o_proj."),
+    (_BLOCK + r"intermediate\.dense\.", r"\1mlp.fc1."),
+    (_BLOCK + r"output\.dense\.", r"\1mlp.fc2."),
+]
+
+# (our key pattern, transformers on-disk key), used by save_pretrained.
+OURS_TO_TRANSFORMERS: list[tuple[str, str]] = [
+    (_BLOCK + r"attention\.q_proj\.", r"\1attention.self.query."),
+    (_BLOCK + r"attention\.k_proj\.", r"\1attention.self.key."),
+    (_BLOCK + r"attention\.v_proj\.", r"\1attention.self.value."),
+    (_BLOCK + r"attention\.relative_position_bias_table$", r"\1attention.self.relative_position_bias_table"),
+    (_BLOCK + r"attention\.o_proj\.", r"\1attention.output.dense."),
+    (_BLOCK + r"mlp\.fc1\.", r"\1intermediate.dense."),
+    (_BLOCK + r"mlp\.fc2\.", r"\1output.dense."),
+]
+
+# Keys a checkpoint may hold that are not weights of ours: the Swin relative-position index (a constant of the
+# window size; Hub checkpoints store it, transformers 5.x does not) and SwinModel's final LayerNorm, which the
+# backbone never uses (transformers 5.x writes it).
+IGNORED_CHECKPOINT_KEYS: list[str] = [
+    r"\.attention\.(self|relative_position_bias)\.relative_position_index$",
+    r"\.encoder\.(swin\.)?layernorm\.(weight|bias)$",
+]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint directory or weight file that cannot be loaded as asked."""
+
+
+def to_our_key(key: str) -> str:
+    for pattern, replacement in TRANSFORMERS_TO_OURS:
+        key = re.sub(pattern, replacement, key)
+    return key
+
+
+def to_transformers_key(key: str) -> str:
+    for pattern, replacement in OURS_TO_TRANSFORMERS:
+        key = re.sub(pattern, replacement, key)
+    return key
+
+
+def _is_ignored(key: str) -> bool:
+    return any(re.search(pattern, key) for pattern in IGNORED_CHECKPOINT_KEYS)
+
+
+def _check_ignored_tensor(key: str, tensor: torch.Tensor, source: Path) -> None:
+    """A stored relative_position_index must be the one our window size implies, else the config is wrong."""
+    if not key.endswith("relative_position_index"):
+        return
+    area = tensor.shape[0] if tensor.dim() >= 1 else 0
+    window = int(round(area ** 0.5)) if tensor.dim() == 2 else int(round(area ** 0.25))
+    if window * window * (window * window if tensor.dim() == 1 else 1) != area or \
+            not torch.equal(tensor.reshape(-1).long(), relative_position_index(window).reshape(-1)):
+        raise CheckpointError(f"{source}: {key} is not the relative-position index of a square Swin window; "
+                              f"the checkpoint is corrupt or not a Swin backbone.")
+
+
+def load_checkpoint_state_dict(directory: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Path]:
+    """Reads the weight file of a checkpoint directory: model.safetensors, else pytorch_model.bin."""
+    directory = Path(directory)
+    safetensors_path = directory / SAFETENSORS_NAME
+    bin_path = directory / PYTORCH_BIN_NAME
+    if safetensors_path.is_file():
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        try:
+            return load_file(str(safetensors_path)), safetensors_path
+        except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+            raise CheckpointError(f"{safetensors_path} is not a readable safetensors file ({error}); re-download "
+                                  f"or re-save the checkpoint.") from error
+    if bin_path.is_file():
+        try:
+            state_dict = torch.load(bin_path, map_location="cpu", weights_only=True)
+        except Exception as error:  # torch raises many types for a bad pickle/zip
+            raise CheckpointError(f"{bin_path} could not be read as a weights-only PyTorch state dict "
+                                  f"({type(error).__name__}: {error}).") from error
+        if not isinstance(state_dict, dict):
+            raise CheckpointError(f"{bin_path} holds a {type(state_dict).__name__}, not a state dict.")
+        return state_dict, bin_path
+    if (directory / f"{SAFETENSORS_NAME}.index.json").is_file():
+        raise CheckpointError(f"{directory} holds a sharded checkpoint; m2f_model reads only a single "
+                              f"{SAFETENSORS_NAME} (re-save it with a larger max_shard_size).")
+    raise CheckpointError(f"{directory} has no {SAFETENSORS_NAME} or {PYTORCH_BIN_NAME}.")
+
+
+def _adapt_prefix(state_dict: dict[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:
+    """Lets a Mask2FormerModel load a ForUniversalSegmentation checkpoint and vice versa (prefix `model.`)."""
+    has_prefix = any(k.startswith("model.") for k in state_dict)
+    wants_prefix = any(k.startswith("model.") for k in expected)
+    if has_prefix and not wants_prefix:
+        return {k[len("model."):]: v for k, v in state_dict.items() if k.startswith("model.")}
+    if wants_prefix and not has_prefix:
+        heads = ("class_predictor.", "criterion.")
+        return {(k if k.startswith(heads) else "model." + k): v for k, v in state_dict.items()}
+    return state_dict
+
+
+def _format_keys(keys: list[str], limit: int = 20) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def load_state_dict_into(model: "nn.Module", state_dict: dict[str, torch.Tensor], *, source: Path,
+                         strict: bool = True) -> dict[str, list[str]]:
+    """Maps checkpoint names through the table and copies the tensors into `model`.
+
+    Returns {"missing": ..., "unexpected": ..., "mismatched": ...}; with strict=True any entry raises.
+    """
+    own = model.state_dict()
+    mapped: dict[str, torch.Tensor] = {}
+    for key, tensor in state_dict.items():
+        if _is_ignored(key):
+            _check_ignored_tensor(key, tensor, source)
+            continue
+        mapped[to_our_key(key)] = tensor
+    mapped = _adapt_prefix(mapped, set(own))
+    if not any(k.startswith("model.") for k in own):
+        # a ForUniversalSegmentation checkpoint's heads have no place in a Mask2FormerModel
+        mapped = {k: v for k, v in mapped.items() if not k.startswith(("class_predictor.", "criterion."))}
+
+    missing = sorted(set(own) - set(mapped))
+    unexpected = sorted(set(mapped) - set(own))
+    mismatched = sorted(f"{k}: checkpoint {tuple(mapped[k].shape)} vs model {tuple(own[k].shape)}"
+                        for k in set(own) & set(mapped) if mapped[k].shape != own[k].shape)
+    report = {"missing": missing, "unexpected": unexpected, "mismatched": mismatched}
+    problems = [f"{len(v)} {name} weights: {_format_keys(v)}" for name, v in report.items() if v]
+    if problems:
+        message = f"{source} does not fit {type(model).__name__}: " + "; ".join(problems)
+        if strict:
+            raise CheckpointError(message + ". Check that config.json matches the weights, or pass strict=False "
+                                            "to load what fits.")
+        logger.warning(message)
+    loadable = {k: v for k, v in mapped.items()
+                if k in own and v.shape == own[k].shape}
+    model.load_state_dict(loadable, strict=False)
+    return report
+
+
+def from_pretrained(model_class, pretrained_path: str | os.PathLike, *, strict: bool = True,
+                    torch_dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                    config: Mask2FormerConfig | None = None):
+    """Builds `model_class` from a transformers-layout checkpoint directory, in eval mode."""
+    directory = Path(pretrained_path)
+    if not directory.exists():
+        raise FileNotFoundError(f"Checkpoint directory {directory} does not exist.")
+    if not directory.is_dir():
+        raise NotADirectoryError(f"{directory} is a file; pass the checkpoint directory that holds {CONFIG_NAME} "
+                                 f"and {SAFETENSORS_NAME}.")
+    if config is None:
+        if not (directory / CONFIG_NAME).is_file():
+            raise FileNotFoundError(f"{directory} has no {CONFIG_NAME}; it is not a Mask2Former checkpoint "
+                                    f"directory.")
+        config = Mask2FormerConfig.from_pretrained(directory)
+    state_dict, source = load_checkpoint_state_dict(directory)
+    model = model_class(config)
+    load_state_dict_into(model, state_dict, source=source, strict=strict)
+    if torch_dtype is not None or device is not None:
+        model.to(device=device, dtype=torch_dtype)
+    return model.eval()
+
+
+def _unused_transformers_tensors(model: "nn.Module", tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers 5.x builds SwinModel's final LayerNorm inside the backbone (never used) and reports it as
+    missing when absent; we write it as an identity norm so transformers loads our files without complaint."""
+    prefix = "model.pixel_level_module.encoder." if "class_predictor.weight" in tensors else \
+        "pixel_level_module.encoder."
+    backbone_config = model.config.backbone_config
+    dtype = next(iter(tensors.values())).dtype
+    return {prefix + "swin.layernorm.weight": torch.ones(backbone_config.hidden_size, dtype=dtype),
+            prefix + "swin.layernorm.bias": torch.zeros(backbone_config.hidden_size, dtype=dtype)}
+
+
+def save_pretrained(model: "nn.Module", save_directory: str | os.PathLike) -> Path:
+    """Writes config.json and model.safetensors in the layout transformers' from_pretrained reads."""
+    from safetensors.torch import save_file
+
+    directory = Path(save_directory)
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(f"Cannot save a checkpoint into {directory}: it is a file.")
+    directory.mkdir(parents=True, exist_ok=True)
+    config: Mask2FormerConfig = model.config
+    config_dict = json.loads(config.to_json_string())
+    config_dict["architectures"] = [type(model).__name__]
+    (directory / CONFIG_NAME).write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    tensors = {to_transformers_key(k): v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tensors.update(_unused_transformers_tensors(model, tensors))
+    save_file(tensors, str(directory / SAFETENSORS_NAME), metadata={"format": "pt"})
+    return directory

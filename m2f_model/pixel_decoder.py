@@ -1,0 +1,262 @@
+"""Mask2Former pixel decoder: a multi-scale deformable-attention encoder over the 1/32, 1/16, 1/8 backbone maps,
+then an FPN step up to 1/4 resolution and the 1x1 mask projection. Pure PyTorch (`grid_sample`), as transformers.
+
+Parity notes: position embeddings are sine embeddings computed without any padding mask (transformers ignores
+`pixel_mask`), the level embedding is added to the position embedding, reference points sit at pixel centres,
+sampling offsets are normalised by each level's (W, H), and the FPN upsampling is bilinear (align_corners=False).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .configuration import Mask2FormerConfig
+from .outputs import Mask2FormerPixelDecoderOutput
+
+__all__ = [
+    "Mask2FormerSinePositionEmbedding",
+    "MultiscaleDeformableAttention",
+    "Mask2FormerPixelDecoderEncoderLayer",
+    "Mask2FormerPixelDecoderEncoderOnly",
+    "Mask2FormerPixelDecoder",
+    "multi_scale_deformable_attention",
+]
+
+NUM_FEATURE_LEVELS = 3
+NUM_SAMPLING_POINTS = 4
+
+
+class Mask2FormerSinePositionEmbedding(nn.Module):
+    """DETR's 2-D sine embedding over the whole map (no padding mask): (B, 2 * num_position_features, H, W).
+
+    The embedding depends only on the shape, so it is built once per (H, W, device, dtype) and reused.
+    """
+
+    def __init__(self, num_position_features: int, temperature: int = 10000, normalize: bool = True,
+                 scale: float | None = None) -> None:
+        super().__init__()
+        if scale is not None and not normalize:
+            raise ValueError("A position-embedding scale needs normalize=True.")
+        self.num_position_features = num_position_features
+        self.temperature = temperature
+        self.normalize = normalize
+        self.scale = 2 * math.pi if scale is None else scale
+        self._cache: dict[tuple, torch.Tensor] = {}
+
+    def embedding(self, height: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """(2 * num_position_features, H, W), y features first then x, sin/cos interleaved."""
+        key = (height, width, device, dtype)
+        cached = self._cache.get(key)
+        if cached is not None:
+            return cached
+        y_embed = torch.arange(1, height + 1, dtype=dtype, device=device)[:, None].expand(height, width)
+        x_embed = torch.arange(1, width + 1, dtype=dtype, device=device)[None, :].expand(height, width)
+        if self.normalize:
+            y_embed = y_embed / (y_embed[-1:, :] + 1e-6) * self.scale
+            x_embed = x_embed / (x_embed[:, -1:] + 1e-6) * self.scale
+        dim_t = torch.arange(self.num_position_features, dtype=torch.int64, device=device).to(dtype)
+        dim_t = self.temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / self.num_position_features)
+        pos_x = x_embed[:, :, None] / dim_t
+        pos_y = y_embed[:, :, None] / dim_t
+        pos_x = torch.stack((pos_x[:, :, 0::2].sin(), pos_x[:, :, 1::2].cos()), dim=3).flatten(2)
+        pos_y = torch.stack((pos_y[:, :, 0::2].sin(), pos_y[:, :, 1::2].cos()), dim=3).flatten(2)
+        embedding = torch.cat((pos_y, pos_x), dim=2).permute(2, 0, 1).contiguous()
+        self._cache[key] = embedding
+        return embedding
+
+    def forward(self, shape: torch.Size, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        batch, _, height, width = shape
+        return self.embedding(height, width, device, dtype).unsqueeze(0).expand(batch, -1, -1, -1)
+
+
+def multi_scale_deformable_attention(value: torch.Tensor, spatial_shapes: list[tuple[int, int]],
+                                     sampling_grids: torch.Tensor, attention_weights: torch.Tensor) -> torch.Tensor:
+    """Bilinear sampling of every level at the given points, weighted and summed.
+
+    value: (B, S, heads, d) with S = sum(H_l * W_l); sampling_grids: (B, Q, heads, L, P, 2) in [-1, 1]
+    (grid_sample convention, align_corners=False); attention_weights: (B, Q, heads, L, P).
+    Returns (B, Q, heads * d).
+    """
+    batch, _, heads, head_dim = value.shape
+    _, queries, _, levels, points, _ = sampling_grids.shape
+    # (B, heads, d, S) viewed per level as (B*heads, d, H_l, W_l)
+    value = value.permute(0, 2, 3, 1).reshape(batch * heads, head_dim, -1)
+    grids = sampling_grids.permute(0, 2, 1, 3, 4, 5).reshape(batch * heads, queries, levels, points, 2)
+    weights = attention_weights.permute(0, 2, 1, 3, 4).reshape(batch * heads, 1, queries, levels, points)
+    output = None
+    start = 0
+    for level, (height, width) in enumerate(spatial_shapes):
+        level_value = value[:, :, start:start + height * width].view(batch * heads, head_dim, height, width)
+        start += height * width
+        sampled = F.grid_sample(level_value, grids[:, :, level], mode="bilinear", padding_mode="zeros",
+                                align_corners=False)  # (B*heads, d, Q, P)
+        contribution = (sampled * weights[:, :, :, level]).sum(-1)  # (B*heads, d, Q)
+        output = contribution if output is None else output + contribution
+    return output.view(batch, heads * head_dim, queries).transpose(1, 2)
+
+
+class MultiscaleDeformableAttention(nn.Module):
+    """Deformable DETR attention: each query samples `n_points` locations per level around its reference point."""
+
+    def __init__(self, embed_dim: int, num_heads: int, n_levels: int, n_points: int) -> None:
+        super().__init__()
+        if embed_dim % num_heads:
+            raise ValueError(f"feature_size {embed_dim} must be divisible by num_attention_heads {num_heads}.")
+        self.d_model = embed_dim
+        self.n_heads = num_heads
+        self.n_levels = n_levels
+        self.n_points = n_points
+        self.sampling_offsets = nn.Linear(embed_dim, num_heads * n_levels * n_points * 2)
+        self.attention_weights = nn.Linear(embed_dim, num_heads * n_levels * n_points)
+        self.value_proj = nn.Linear(embed_dim, embed_dim)
+        self.output_proj = nn.Linear(embed_dim, embed_dim)
+
+    def forward(self, hidden_states: torch.Tensor, position_embeddings: torch.Tensor, reference_grid: torch.Tensor,
+                offset_scale: torch.Tensor, spatial_shapes: list[tuple[int, int]]
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden_states, position_embeddings: (B, S, C); reference_grid: (S, 1, L, 1, 2) = 2 * reference - 1;
+        offset_scale: (L, 1, 2) = 2 / (W_l, H_l). Returns (output (B, S, C), attention weights (B, S, h, L, P))."""
+        batch, tokens, _ = hidden_states.shape
+        query = hidden_states + position_embeddings
+        value = self.value_proj(hidden_states).view(batch, tokens, self.n_heads, self.d_model // self.n_heads)
+        offsets = self.sampling_offsets(query).view(batch, tokens, self.n_heads, self.n_levels, self.n_points, 2)
+        weights = self.attention_weights(query).view(batch, tokens, self.n_heads, self.n_levels * self.n_points)
+        weights = weights.softmax(-1).view(batch, tokens, self.n_heads, self.n_levels, self.n_points)
+        # grid = 2 * (reference + offset / (W, H)) - 1, in grid_sample's [-1, 1] coordinates
+        sampling_grids = reference_grid + offsets * offset_scale
+        output = multi_scale_deformable_attention(value, spatial_shapes, sampling_grids, weights)
+        return self.output_proj(output), weights
+
+
+class Mask2FormerPixelDecoderEncoderLayer(nn.Module):
+    """Post-norm encoder layer: LN(x + deformable_attn(x)), then LN(x + FFN(x))."""
+
+    def __init__(self, config: Mask2FormerConfig) -> None:
+        super().__init__()
+        dim = config.feature_size
+        self.self_attn = MultiscaleDeformableAttention(dim, config.num_attention_heads, NUM_FEATURE_LEVELS,
+                                                       NUM_SAMPLING_POINTS)
+        self.self_attn_layer_norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, config.encoder_feedforward_dim)
+        self.fc2 = nn.Linear(config.encoder_feedforward_dim, dim)
+        self.final_layer_norm = nn.LayerNorm(dim)
+        self.dropout = config.dropout
+
+    def forward(self, hidden_states: torch.Tensor, position_embeddings: torch.Tensor, reference_grid: torch.Tensor,
+                offset_scale: torch.Tensor, spatial_shapes: list[tuple[int, int]]
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        attended, weights = self.self_attn(hidden_states, position_embeddings, reference_grid, offset_scale,
+                                           spatial_shapes)
+        attended = F.dropout(attended, p=self.dropout, training=self.training)
+        hidden_states = self.self_attn_layer_norm(hidden_states + attended)
+        feed_forward = F.dropout(F.relu(self.fc1(hidden_states)), p=self.dropout, training=self.training)
+        feed_forward = F.dropout(self.fc2(feed_forward), p=self.dropout, training=self.training)
+        hidden_states = self.final_layer_norm(hidden_states + feed_forward)
+        if self.training and not torch.isfinite(hidden_states).all():
+            clamp = torch.finfo(hidden_states.dtype).max - 1000
+            hidden_states = hidden_states.clamp(min=-clamp, max=clamp)
+        return hidden_states, weights
+
+
+class Mask2FormerPixelDecoderEncoderOnly(nn.Module):
+    def __init__(self, config: Mask2FormerConfig) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([Mask2FormerPixelDecoderEncoderLayer(config)
+                                     for _ in range(config.encoder_layers)])
+        self._grid_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def sampling_geometry(self, spatial_shapes: list[tuple[int, int]], device: torch.device, dtype: torch.dtype
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reference points of every token at its pixel centre, as grid coordinates (S, 1, L, 1, 2), and the
+        per-level scale turning offsets in pixels into grid units (L, 1, 2). Cached per shape."""
+        key = (tuple(spatial_shapes), device, dtype)
+        cached = self._grid_cache.get(key)
+        if cached is not None:
+            return cached
+        references = []
+        for height, width in spatial_shapes:
+            ref_y, ref_x = torch.meshgrid(torch.linspace(0.5, height - 0.5, height, dtype=dtype, device=device),
+                                          torch.linspace(0.5, width - 0.5, width, dtype=dtype, device=device),
+                                          indexing="ij")
+            references.append(torch.stack((ref_x.reshape(-1) / width, ref_y.reshape(-1) / height), -1))
+        reference = torch.cat(references, 0)  # (S, 2) in [0, 1]
+        reference_grid = (2 * reference - 1)[:, None, None, None, :].expand(-1, 1, len(spatial_shapes), 1, 2)
+        offset_scale = torch.tensor([[2.0 / w, 2.0 / h] for h, w in spatial_shapes], dtype=dtype,
+                                    device=device)[:, None, :]
+        cached = (reference_grid.contiguous(), offset_scale)
+        self._grid_cache[key] = cached
+        return cached
+
+    def forward(self, inputs_embeds: torch.Tensor, position_embeddings: torch.Tensor,
+                spatial_shapes: list[tuple[int, int]], output_attentions: bool = False
+                ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        reference_grid, offset_scale = self.sampling_geometry(spatial_shapes, inputs_embeds.device,
+                                                              inputs_embeds.dtype)
+        hidden_states = inputs_embeds
+        attentions = () if output_attentions else None
+        for layer in self.layers:
+            hidden_states, weights = layer(hidden_states, position_embeddings, reference_grid, offset_scale,
+                                           spatial_shapes)
+            if output_attentions:
+                attentions += (weights.transpose(1, 0),)
+        return hidden_states, attentions
+
+
+class Mask2FormerPixelDecoder(nn.Module):
+    def __init__(self, config: Mask2FormerConfig, feature_channels: list[int]) -> None:
+        super().__init__()
+        feature_dim = config.feature_size
+        self.feature_channels = list(feature_channels)
+        transformer_in_channels = self.feature_channels[-NUM_FEATURE_LEVELS:]
+        self.position_embedding = Mask2FormerSinePositionEmbedding(feature_dim // 2, normalize=True)
+        self.level_embed = nn.Parameter(torch.zeros(NUM_FEATURE_LEVELS, feature_dim))
+        # index 0 projects the lowest-resolution map (stage4)
+        self.input_projections = nn.ModuleList([
+            nn.Sequential(nn.Conv2d(channels, feature_dim, kernel_size=1), nn.GroupNorm(32, feature_dim))
+            for channels in transformer_in_channels[::-1]
+        ])
+        self.encoder = Mask2FormerPixelDecoderEncoderOnly(config)
+        self.mask_projection = nn.Conv2d(feature_dim, config.mask_feature_size, kernel_size=1)
+
+        transformer_stride = min(config.feature_strides[-NUM_FEATURE_LEVELS:])
+        self.num_fpn_levels = int(math.log2(transformer_stride) - math.log2(config.common_stride))
+        for index, channels in enumerate(self.feature_channels[:self.num_fpn_levels]):
+            self.add_module(f"adapter_{index + 1}", nn.Sequential(
+                nn.Conv2d(channels, feature_dim, kernel_size=1, bias=False), nn.GroupNorm(32, feature_dim)))
+            self.add_module(f"layer_{index + 1}", nn.Sequential(
+                nn.Conv2d(feature_dim, feature_dim, kernel_size=3, padding=1, bias=False),
+                nn.GroupNorm(32, feature_dim), nn.ReLU()))
+
+    def forward(self, features: tuple[torch.Tensor, ...], output_attentions: bool = False
+                ) -> Mask2FormerPixelDecoderOutput:
+        """features: backbone maps, highest resolution first (1/4, 1/8, 1/16, 1/32)."""
+        transformer_features = features[::-1][:NUM_FEATURE_LEVELS]  # 1/32, 1/16, 1/8
+        spatial_shapes = [(x.shape[2], x.shape[3]) for x in transformer_features]
+        batch = features[0].shape[0]
+        flat_inputs, flat_positions = [], []
+        for level, x in enumerate(transformer_features):
+            projected = self.input_projections[level](x)
+            flat_inputs.append(projected.flatten(2).transpose(1, 2))  # (B, H_l*W_l, C)
+            position = self.position_embedding.embedding(x.shape[2], x.shape[3], x.device, projected.dtype)
+            flat_positions.append(position.flatten(1).transpose(0, 1) + self.level_embed[level])  # (H_l*W_l, C)
+        inputs_embeds = torch.cat(flat_inputs, 1)  # (B, S, C)
+        position_embeddings = torch.cat(flat_positions, 0).unsqueeze(0)  # (1, S, C)
+
+        encoded, attentions = self.encoder(inputs_embeds, position_embeddings, spatial_shapes, output_attentions)
+
+        outputs = [level.transpose(1, 2).reshape(batch, -1, height, width)
+                   for level, (height, width) in zip(encoded.split([h * w for h, w in spatial_shapes], 1),
+                                                     spatial_shapes)]
+        for index in range(self.num_fpn_levels - 1, -1, -1):
+            lateral = getattr(self, f"adapter_{index + 1}")(features[index])
+            upsampled = F.interpolate(outputs[-1], size=lateral.shape[-2:], mode="bilinear", align_corners=False)
+            outputs.append(getattr(self, f"layer_{index + 1}")(lateral + upsampled))
+
+        return Mask2FormerPixelDecoderOutput(
+            multi_scale_features=tuple(outputs[:NUM_FEATURE_LEVELS]),
+            mask_features=self.mask_projection(outputs[-1]),
+            attentions=attentions,
+        )

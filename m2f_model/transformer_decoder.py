@@ -1,0 +1,269 @@
+"""Mask2Former's masked-attention transformer decoder and its mask predictor.
+
+Each layer: masked cross-attention to one pixel-decoder level (round robin 1/32, 1/16, 1/8), self-attention among
+the queries, FFN (post-norm by default, pre-norm with `config.pre_norm`). The cross-attention of a layer may only see
+pixels where the previous prediction's mask, resized to that level, has sigmoid >= 0.5; a query whose mask is empty
+there sees every pixel. There is one prediction from the initial queries and one after each of the
+`decoder_layers - 1` layers.
+
+We keep tensors batch-first (B, Q, C) and hand out transformers' sequence-first (Q, B, C) views only in the
+returned hidden states. Attention runs through `scaled_dot_product_attention` with a boolean mask broadcast over
+heads; weights are materialised only when `output_attentions` asks for them.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .configuration import Mask2FormerConfig
+from .outputs import Mask2FormerMaskedAttentionDecoderOutput
+from .pixel_decoder import NUM_FEATURE_LEVELS, Mask2FormerSinePositionEmbedding
+
+__all__ = [
+    "Mask2FormerAttention",
+    "Mask2FormerMaskedAttentionDecoderLayer",
+    "Mask2FormerMaskPredictor",
+    "Mask2FormerMaskedAttentionDecoder",
+    "Mask2FormerTransformerModule",
+]
+
+
+def _activation(name: str):
+    activations = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "swish": F.silu,
+                   "gelu_new": lambda x: F.gelu(x, approximate="tanh")}
+    if name not in activations:
+        raise ValueError(f"Unsupported activation_function {name!r}; choose one of {sorted(activations)}.")
+    return activations[name]
+
+
+def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor | None,
+            dropout: float, need_weights: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """query (B, h, Q, d), key/value (B, h, K, d), allowed (B, 1, Q, K) bool or None -> (B, h, Q, d), weights."""
+    if not need_weights:
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, dropout_p=dropout), None
+    scores = torch.matmul(query, key.transpose(-1, -2)) * query.shape[-1] ** -0.5
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    weights = scores.softmax(-1)
+    return torch.matmul(F.dropout(weights, p=dropout), value), weights
+
+
+def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, N, C) -> (B, heads, N, C / heads)"""
+    batch, tokens, channels = x.shape
+    return x.view(batch, tokens, heads, channels // heads).transpose(1, 2)
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    batch, heads, tokens, head_dim = x.shape
+    return x.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
+
+
+class Mask2FormerAttention(nn.Module):
+    """DETR-style self-attention: position embeddings are added to queries and keys, not to values."""
+
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        if embed_dim % num_heads:
+            raise ValueError(f"hidden_dim {embed_dim} must be divisible by num_attention_heads {num_heads}.")
+        self.num_heads = num_heads
+        self.dropout = dropout
+        self.k_proj = nn.Linear(embed_dim, embed_dim)
+        self.v_proj = nn.Linear(embed_dim, embed_dim)
+        self.q_proj = nn.Linear(embed_dim, embed_dim)
+        self.out_proj = nn.Linear(embed_dim, embed_dim)
+
+    def forward(self, hidden_states: torch.Tensor, position_embeddings: torch.Tensor, need_weights: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """hidden_states, position_embeddings: (B, Q, C) -> (B, Q, C), weights (B, heads, Q, Q) or None."""
+        with_position = hidden_states + position_embeddings
+        query_key = F.linear(with_position, torch.cat((self.q_proj.weight, self.k_proj.weight)),
+                             torch.cat((self.q_proj.bias, self.k_proj.bias)))
+        query, key = query_key.chunk(2, dim=-1)
+        value = self.v_proj(hidden_states)
+        dropout = self.dropout if self.training else 0.0
+        context, weights = _attend(_split_heads(query, self.num_heads), _split_heads(key, self.num_heads),
+                                   _split_heads(value, self.num_heads), None, dropout, need_weights)
+        return self.out_proj(_merge_heads(context)), weights
+
+
+class Mask2FormerMaskedAttentionDecoderLayer(nn.Module):
+    def __init__(self, config: Mask2FormerConfig) -> None:
+        super().__init__()
+        dim = config.hidden_dim
+        self.pre_norm = config.pre_norm
+        self.num_heads = config.num_attention_heads
+        self.dropout = config.dropout
+        self.self_attn = Mask2FormerAttention(dim, config.num_attention_heads, dropout=config.dropout)
+        self.self_attn_layer_norm = nn.LayerNorm(dim)
+        # nn.MultiheadAttention only holds the parameters (in_proj_weight/bias, out_proj), named as in checkpoints;
+        # the computation below uses them directly.
+        self.cross_attn = nn.MultiheadAttention(dim, config.num_attention_heads, config.dropout)
+        self.cross_attn_layer_norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, config.dim_feedforward)
+        self.fc2 = nn.Linear(config.dim_feedforward, dim)
+        self.final_layer_norm = nn.LayerNorm(dim)
+        self.activation_fn = _activation(config.activation_function)
+
+    def _masked_cross_attention(self, queries: torch.Tensor, query_positions: torch.Tensor, memory: torch.Tensor,
+                                memory_positions: torch.Tensor, allowed: torch.Tensor, need_weights: bool
+                                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """queries (B, Q, C); memory (B, HW, C); allowed (B, 1, Q, HW) bool."""
+        weight, bias = self.cross_attn.in_proj_weight, self.cross_attn.in_proj_bias
+        dim = queries.shape[-1]
+        query = F.linear(queries + query_positions, weight[:dim], bias[:dim])
+        key = F.linear(memory + memory_positions, weight[dim:2 * dim], bias[dim:2 * dim])
+        value = F.linear(memory, weight[2 * dim:], bias[2 * dim:])
+        dropout = self.cross_attn.dropout if self.training else 0.0
+        context, weights = _attend(_split_heads(query, self.num_heads), _split_heads(key, self.num_heads),
+                                   _split_heads(value, self.num_heads), allowed, dropout, need_weights)
+        output = self.cross_attn.out_proj(_merge_heads(context))
+        if weights is not None:
+            weights = weights.mean(1)  # nn.MultiheadAttention's default: averaged over heads
+        return output, weights
+
+    def _dropout(self, x: torch.Tensor) -> torch.Tensor:
+        return F.dropout(x, p=self.dropout, training=self.training)
+
+    def _feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._dropout(self.fc2(self._dropout(self.activation_fn(self.fc1(x)))))
+
+    def forward(self, hidden_states: torch.Tensor, query_positions: torch.Tensor, memory: torch.Tensor,
+                memory_positions: torch.Tensor, allowed: torch.Tensor, output_attentions: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Returns (hidden_states (B, Q, C), self-attention weights, cross-attention weights)."""
+        if self.pre_norm:
+            cross, cross_weights = self._masked_cross_attention(self.cross_attn_layer_norm(hidden_states),
+                                                                query_positions, memory, memory_positions, allowed,
+                                                                output_attentions)
+            hidden_states = hidden_states + self._dropout(cross)
+            attended, self_weights = self.self_attn(self.self_attn_layer_norm(hidden_states), query_positions,
+                                                    output_attentions)
+            hidden_states = hidden_states + self._dropout(attended)
+            hidden_states = hidden_states + self._feed_forward(self.final_layer_norm(hidden_states))
+        else:
+            cross, cross_weights = self._masked_cross_attention(hidden_states, query_positions, memory,
+                                                                memory_positions, allowed, output_attentions)
+            hidden_states = self.cross_attn_layer_norm(hidden_states + self._dropout(cross))
+            attended, self_weights = self.self_attn(hidden_states, query_positions, output_attentions)
+            hidden_states = self.self_attn_layer_norm(hidden_states + self._dropout(attended))
+            hidden_states = self.final_layer_norm(hidden_states + self._feed_forward(hidden_states))
+        return hidden_states, self_weights, cross_weights
+
+
+class Mask2FormerMaskPredictor(nn.Module):
+    """Mask logits from query embeddings (3-layer MLP dotted with the 1/4 mask features) and the next layer's
+    attention mask."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mask_feature_size: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        # names as transformers: mask_embedder.{i}.0 is the Linear of block i, .1 its activation
+        self.mask_embedder = nn.Sequential(
+            nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.ReLU()),
+            nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.ReLU()),
+            nn.Sequential(nn.Linear(hidden_size, mask_feature_size), nn.Identity()),
+        )
+
+    def forward(self, queries: torch.Tensor, pixel_embeddings: torch.Tensor,
+                attention_mask_size: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """queries (B, Q, C); pixel_embeddings (B, C', H/4, W/4) -> mask logits (B, Q, H/4, W/4) and, if a size is
+        given, `allowed` (B, 1, Q, h*w): True where the query may attend (sigmoid of the resized logits >= 0.5)."""
+        batch, channels, height, width = pixel_embeddings.shape
+        mask_embeddings = self.mask_embedder(queries)  # (B, Q, C')
+        mask_logits = torch.bmm(mask_embeddings, pixel_embeddings.view(batch, channels, height * width))
+        mask_logits = mask_logits.view(batch, -1, height, width)
+        if attention_mask_size is None:
+            return mask_logits, None
+        resized = F.interpolate(mask_logits, size=attention_mask_size, mode="bilinear", align_corners=False)
+        allowed = (resized.sigmoid().flatten(2) >= 0.5).unsqueeze(1).detach()
+        return mask_logits, allowed
+
+
+class Mask2FormerMaskedAttentionDecoder(nn.Module):
+    def __init__(self, config: Mask2FormerConfig) -> None:
+        super().__init__()
+        self.layerdrop = config.dropout
+        self.layers = nn.ModuleList([Mask2FormerMaskedAttentionDecoderLayer(config)
+                                     for _ in range(config.decoder_layers - 1)])
+        self.layernorm = nn.LayerNorm(config.hidden_dim)
+        self.mask_predictor = Mask2FormerMaskPredictor(config.hidden_dim, config.num_attention_heads,
+                                                       config.mask_feature_size)
+
+    def forward(self, queries: torch.Tensor, query_positions: torch.Tensor, memories: list[torch.Tensor],
+                memory_positions: list[torch.Tensor], pixel_embeddings: torch.Tensor,
+                level_sizes: list[tuple[int, int]], output_hidden_states: bool = False,
+                output_attentions: bool = False) -> Mask2FormerMaskedAttentionDecoderOutput:
+        """queries, query_positions: (B, Q, C); memories/memory_positions: per level (B, h*w, C)."""
+        hidden_states = queries
+        all_hidden_states = () if output_hidden_states else None
+        attentions = () if output_attentions else None
+        normed = self.layernorm(hidden_states)
+        intermediate = (normed,)
+        mask_logits, allowed = self.mask_predictor(normed, pixel_embeddings, level_sizes[0])
+        mask_predictions = (mask_logits,)
+        num_layers = len(self.layers)
+        for index, layer in enumerate(self.layers):
+            if output_hidden_states:
+                all_hidden_states += (hidden_states.transpose(0, 1),)
+            if self.training and self.layerdrop > 0.0 and torch.rand([]) < self.layerdrop:
+                continue
+            level = index % NUM_FEATURE_LEVELS
+            # a query whose mask covers nothing at this level attends everywhere instead of nowhere
+            allowed = allowed | ~allowed.any(-1, keepdim=True)
+            hidden_states, self_weights, _ = layer(hidden_states, query_positions, memories[level],
+                                                   memory_positions[level], allowed, output_attentions)
+            normed = self.layernorm(hidden_states)
+            # the mask for a following layer is only needed if one follows
+            next_size = level_sizes[(index + 1) % NUM_FEATURE_LEVELS] if index + 1 < num_layers else None
+            mask_logits, allowed = self.mask_predictor(normed, pixel_embeddings, next_size)
+            mask_predictions += (mask_logits,)
+            intermediate += (normed,)
+            if output_attentions:
+                attentions += (self_weights,)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states.transpose(0, 1),)
+        return Mask2FormerMaskedAttentionDecoderOutput(
+            last_hidden_state=hidden_states,
+            hidden_states=all_hidden_states,
+            attentions=attentions,
+            masks_queries_logits=mask_predictions,
+            intermediate_hidden_states=intermediate,
+        )
+
+
+class Mask2FormerTransformerModule(nn.Module):
+    """Learned queries, per-level memories (projected pixel-decoder maps + level embedding) and the decoder."""
+
+    def __init__(self, in_features: int, config: Mask2FormerConfig) -> None:
+        super().__init__()
+        hidden_dim = config.hidden_dim
+        self.position_embedder = Mask2FormerSinePositionEmbedding(hidden_dim // 2, normalize=True)
+        self.queries_embedder = nn.Embedding(config.num_queries, hidden_dim)
+        self.queries_features = nn.Embedding(config.num_queries, hidden_dim)
+        needs_projection = in_features != hidden_dim or config.enforce_input_projection
+        self.input_projections = nn.ModuleList([
+            nn.Conv2d(in_features, hidden_dim, kernel_size=1) if needs_projection else nn.Sequential()
+            for _ in range(NUM_FEATURE_LEVELS)
+        ])
+        self.decoder = Mask2FormerMaskedAttentionDecoder(config)
+        self.level_embed = nn.Embedding(NUM_FEATURE_LEVELS, hidden_dim)
+
+    def forward(self, multi_scale_features: tuple[torch.Tensor, ...], mask_features: torch.Tensor,
+                output_hidden_states: bool = False, output_attentions: bool = False
+                ) -> Mask2FormerMaskedAttentionDecoderOutput:
+        memories, memory_positions, level_sizes = [], [], []
+        for level in range(NUM_FEATURE_LEVELS):
+            feature = multi_scale_features[level]
+            height, width = feature.shape[-2:]
+            level_sizes.append((height, width))
+            position = self.position_embedder.embedding(height, width, feature.device, feature.dtype)
+            memory_positions.append(position.flatten(1).transpose(0, 1).unsqueeze(0))  # (1, h*w, C)
+            projected = self.input_projections[level](feature).flatten(2).transpose(1, 2)  # (B, h*w, C)
+            memories.append(projected + self.level_embed.weight[level])
+        batch = mask_features.shape[0]
+        query_positions = self.queries_embedder.weight.unsqueeze(0).expand(batch, -1, -1)
+        queries = self.queries_features.weight.unsqueeze(0).expand(batch, -1, -1)
+        return self.decoder(queries, query_positions, memories, memory_positions, mask_features, level_sizes,
+                            output_hidden_states=output_hidden_states, output_attentions=output_attentions)
