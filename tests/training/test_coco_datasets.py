@@ -331,3 +331,48 @@ def test_augmented_batches_from_the_dataset_feed_the_loss(tmp_path, ds_processor
     total.backward()
     assert torch.isfinite(total) and masks_logits.grad.abs().sum() > 0
     assert sum(len(labels) for labels in batch["class_labels"]) >= 1
+
+
+@pytest.fixture(scope="module")
+def ds_s3_endpoint(tmp_path_factory):
+    """moto's S3 server on 127.0.0.1 for this module (a few seconds to start)."""
+    from infra.local_stack import start_s3_endpoint, stop_s3_endpoint
+
+    endpoint = start_s3_endpoint(log_dir=tmp_path_factory.mktemp("ds-moto"))
+    yield endpoint
+    stop_s3_endpoint(endpoint)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["instance", "panoptic"])
+def test_dataset_on_s3_gives_the_same_items_as_the_local_copy(tmp_path, ds_processor, ds_s3_endpoint, task):
+    import s3fs
+
+    ids = np.ones((HEIGHT, WIDTH), dtype=np.int64)
+    ids[box_mask(4, 4, 12, 12)] = 2
+    write_panoptic_dataset(tmp_path, ids, [{"id": 1, "category_id": 20, "iscrowd": 0, "area": 1},
+                                           {"id": 2, "category_id": 7, "iscrowd": 0, "area": 1}])
+    write_json(tmp_path / "annotations" / "instances_train.json", {
+        "images": [{"id": 5, "file_name": "a.jpg", "height": HEIGHT, "width": WIDTH}],
+        "annotations": [{"id": 1, "image_id": 5, "category_id": 7, "iscrowd": 0,
+                         "segmentation": compressed_rle(ids == 2)}],
+        "categories": THING_CATEGORIES})
+    storage_options = ds_s3_endpoint.storage_options()
+    filesystem = s3fs.S3FileSystem(skip_instance_cache=True, **storage_options)
+    bucket = f"ds-{task}"
+    filesystem.mkdir(bucket)
+    filesystem.put(f"{tmp_path}/", f"{bucket}/shapes", recursive=True)
+
+    remote = load_coco_dataset(f"s3://{bucket}/shapes", "train", processor=ds_processor, task=task,
+                               storage_options=storage_options)
+    local = load_coco_dataset(str(tmp_path), "train", processor=ds_processor, task=task)
+    assert len(remote) == len(local) == 1 and not remote.skipped
+    remote_item, local_item = remote[0], local[0]
+    for key in ("pixel_values", "pixel_mask", "mask_labels", "class_labels"):
+        assert torch.equal(remote_item[key], local_item[key]), key
+    assert sorted(remote_item["class_labels"].tolist()) == ([1] if task == "instance" else [1, 2])
+
+    filesystem.rm(f"{bucket}/shapes/train/a.jpg")
+    missing = load_coco_dataset(f"s3://{bucket}/shapes", "train", processor=ds_processor, task=task,
+                                storage_options=storage_options)
+    assert len(missing) == 0 and f"s3://{bucket}/shapes/train/a.jpg" in str(missing.skipped)
