@@ -15,7 +15,6 @@ our files like its own.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -109,13 +108,12 @@ def _is_ignored(key: str) -> bool:
 
 
 def _check_ignored_tensor(key: str, tensor: torch.Tensor, source: Path) -> None:
-    """A stored relative_position_index must be the one our window size implies, else the config is wrong."""
+    """A stored relative_position_index must be the constant our code builds, else the file is not what it claims."""
     if not key.endswith("relative_position_index"):
         return
-    area = tensor.shape[0] if tensor.dim() >= 1 else 0
-    window = int(round(area ** 0.5)) if tensor.dim() == 2 else int(round(area ** 0.25))
-    if window * window * (window * window if tensor.dim() == 1 else 1) != area or \
-            not torch.equal(tensor.reshape(-1).long(), relative_position_index(window).reshape(-1)):
+    window = round(tensor.numel() ** 0.25)  # stored as (w*w, w*w), or flattened (w**4,)
+    expected = relative_position_index(window).reshape(-1)
+    if tensor.numel() != expected.numel() or not torch.equal(tensor.reshape(-1).long(), expected):
         raise CheckpointError(f"{source}: {key} is not the relative-position index of a square Swin window; "
                               f"the checkpoint is corrupt or not a Swin backbone.")
 
@@ -244,9 +242,8 @@ def save_pretrained(model: "nn.Module", save_directory: str | os.PathLike) -> Pa
         raise NotADirectoryError(f"Cannot save a checkpoint into {directory}: it is a file.")
     directory.mkdir(parents=True, exist_ok=True)
     config: Mask2FormerConfig = model.config
-    config_dict = json.loads(config.to_json_string())
-    config_dict["architectures"] = [type(model).__name__]
-    (directory / CONFIG_NAME).write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    config.architectures = [type(model).__name__]  # as transformers records it
+    config.save_pretrained(directory)
     tensors = {to_transformers_key(k): v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     tensors.update(_unused_transformers_tensors(model, tensors))
     save_file(tensors, str(directory / SAFETENSORS_NAME), metadata={"format": "pt"})

@@ -24,6 +24,7 @@ _COMMON_DEFAULTS: dict[str, Any] = {
     "output_hidden_states": False,
     "output_attentions": False,
     "return_dict": True,
+    "architectures": None,
 }
 
 # Keys transformers derives from the others; recomputed on load rather than trusted.
