@@ -3,16 +3,19 @@ and S3 from workers, and stopping one Ray head without touching another."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
-from infra.local_stack import (LOOPBACK, _head_processes, _is_running, _job_api_answers,
-                               listening_ports, start_ray_head, stop_ray_head)
+from infra.local_stack import LOOPBACK, _head_processes, _is_running, _job_api_answers, listening_ports
 
 pytestmark = pytest.mark.slow
 
 LOOPBACK_ADDRESSES = {LOOPBACK, "::ffff:127.0.0.1"}
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_ray_head_and_s3_endpoint_listen_on_loopback_only(ray_head, s3_endpoint):
@@ -61,14 +64,26 @@ def test_job_submit_runs_venv_python_and_workers_read_s3_with_runtime_env_creden
     assert ".venv/bin/python" in result["python"]
 
 
-def test_stopping_a_second_head_leaves_the_session_head_running(ray_head):
-    second = start_ray_head(num_cpus=1, auth="disabled")
-    second_processes = _head_processes(second)
-    assert second.gcs_address != ray_head.gcs_address and len(second_processes) > 3
-
-    stop_ray_head(second)
-
-    assert not any(_is_running(pid) for pid in second_processes)
-    assert _is_running(ray_head.pid) and _job_api_answers(ray_head)
-    assert {port for _, port, _ in listening_ports(_head_processes(ray_head))} >= {
-        ray_head.ports["gcs"], ray_head.ports["dashboard"]}
+def test_local_stack_cli_up_serves_on_loopback_and_down_stops_only_its_own_stack(ray_head, tmp_path):
+    state_dir = tmp_path / "stack"
+    command = [sys.executable, str(REPO_ROOT / "infra" / "local_stack.py"), "--state-dir", str(state_dir)]
+    up = subprocess.run([*command[:2], "up", *command[2:]], capture_output=True, text=True, timeout=120)
+    try:
+        assert up.returncode == 0, up.stderr[-3000:]
+        exports = dict(line.removeprefix("export ").split("=", 1) for line in up.stdout.splitlines()
+                       if line.startswith("export "))
+        assert exports["RAY_API_SERVER_ADDRESS"].startswith(f"http://{LOOPBACK}:")
+        assert exports["AWS_ENDPOINT_URL"].startswith(f"http://{LOOPBACK}:")
+        assert exports["RAY_AUTH_MODE"] == "token"
+        status = subprocess.run([*command[:2], "status", *command[2:]], capture_output=True, text=True, timeout=60)
+        listening = [line.split()[2] for line in status.stdout.splitlines() if line.startswith("# listening")]
+        assert listening and all(address.rsplit(":", 1)[0] in LOOPBACK_ADDRESSES
+                                 for address in listening), listening
+    finally:
+        down = subprocess.run([*command[:2], "down", *command[2:]], capture_output=True, text=True, timeout=120)
+    assert down.returncode == 0, down.stderr[-3000:]
+    assert not (state_dir / "stack.json").exists()
+    ports = [address.rsplit(":", 1)[1] for address in listening]
+    still = subprocess.run(["ss", "-ltnH"], capture_output=True, text=True).stdout
+    assert not [port for port in ports if f":{port} " in still], "ports still listening after down"
+    assert _is_running(ray_head.pid) and _job_api_answers(ray_head), "down stopped another cluster too"
