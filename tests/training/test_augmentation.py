@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from m2f_model import Mask2FormerImageProcessor
 from training import ScaleCropFlip, load_coco_dataset
 
 # Segment id -> the solid colour its pixels have in the image.
@@ -89,8 +90,6 @@ def test_image_and_map_of_different_sizes_are_rejected():
 
 def test_augmented_dataset_items_keep_the_target_mask_on_the_object_pixels(tmp_path):
     """End to end through the processor: the red square's mask covers red pixels in every augmented view."""
-    from transformers import Mask2FormerImageProcessor
-
     height, width = 64, 64
     image = np.full((height, width, 3), 30, dtype=np.uint8)
     square = np.zeros((height, width), dtype=bool)

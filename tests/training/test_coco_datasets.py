@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from m2f_model import Mask2FormerConfig, Mask2FormerImageProcessor
 from m2f_model.loss import Mask2FormerLoss
 from training import ScaleCropFlip, collate_segmentation_batch, load_coco_dataset, load_semantic_dataset
 
@@ -26,8 +27,6 @@ THING_CATEGORIES = [{"id": 7, "name": "square"}, {"id": 3, "name": "circle"}, {"
 @pytest.fixture
 def ds_processor():
     """An identity-size processor: images are HEIGHT x WIDTH, so targets come out at the pixels we drew."""
-    from transformers import Mask2FormerImageProcessor
-
     return Mask2FormerImageProcessor(size={"height": HEIGHT, "width": WIDTH}, ignore_index=IGNORE_INDEX,
                                      num_labels=5)
 
@@ -311,8 +310,6 @@ def test_collate_pads_images_and_masks_to_the_batch_maximum(tmp_path):
 
 
 def test_augmented_batches_from_the_dataset_feed_the_loss(tmp_path, ds_processor):
-    from transformers import Mask2FormerConfig
-
     root = write_instance_dataset(tmp_path, [
         {"id": 1, "image_id": 1, "category_id": 7, "iscrowd": 0, "segmentation": compressed_rle(box_mask(2, 2, 20, 20))},
         {"id": 2, "image_id": 2, "category_id": 3, "iscrowd": 0, "segmentation": compressed_rle(box_mask(5, 5, 9, 40))},
@@ -376,3 +373,21 @@ def test_dataset_on_s3_gives_the_same_items_as_the_local_copy(tmp_path, ds_proce
     missing = load_coco_dataset(f"s3://{bucket}/shapes", "train", processor=ds_processor, task=task,
                                 storage_options=storage_options)
     assert len(missing) == 0 and f"s3://{bucket}/shapes/train/a.jpg" in str(missing.skipped)
+
+
+def test_items_match_those_made_with_the_transformers_processor(tmp_path, ds_processor):
+    import transformers
+
+    ids = np.ones((HEIGHT, WIDTH), dtype=np.int64)
+    ids[box_mask(4, 4, 12, 12)] = 2
+    root = write_panoptic_dataset(tmp_path, ids, [{"id": 1, "category_id": 20, "iscrowd": 0, "area": 1},
+                                                  {"id": 2, "category_id": 7, "iscrowd": 0, "area": 1}])
+    reference_processor = transformers.Mask2FormerImageProcessor(size={"height": 64, "width": 96},
+                                                                 ignore_index=IGNORE_INDEX)
+    our_processor = Mask2FormerImageProcessor(size={"height": 64, "width": 96}, ignore_index=IGNORE_INDEX)
+    reference_item = load_coco_dataset(str(root), "train", processor=reference_processor)[0]
+    our_item = load_coco_dataset(str(root), "train", processor=our_processor)[0]
+    assert our_item["pixel_values"].shape == (3, 64, 96)
+    torch.testing.assert_close(our_item["pixel_values"], reference_item["pixel_values"], atol=1e-4, rtol=0)
+    for key in ("pixel_mask", "mask_labels", "class_labels"):
+        assert torch.equal(our_item[key], reference_item[key]), key
