@@ -1,0 +1,164 @@
+"""Row schemas of the labeling pipeline: what crosses each stage boundary and what lands in Parquet.
+
+Every stage exchanges pyarrow tables with an explicit schema, so blocks never disagree on a column's type
+(an all-null column would otherwise become `null` in one block and `string` in the next). Dense arrays travel
+as raw float32 bytes plus their shape: flat primitive columns that Ray Data sizes correctly.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pyarrow as pa
+
+__all__ = [
+    "TASKS", "ERROR_STAGES", "LISTED_SCHEMA", "FETCHED_SCHEMA", "PREPROCESSED_SCHEMA", "PREDICTED_SCHEMA",
+    "SEGMENTS_SCHEMA", "IMAGES_SCHEMA", "StageError", "SegmentRecord", "ImageRecord", "pack_array",
+    "unpack_array", "table_from_records",
+]
+
+TASKS: tuple[str, ...] = ("panoptic", "instance", "semantic")
+ERROR_STAGES: tuple[str, ...] = ("read", "decode", "preprocess", "inference", "postprocess")
+
+_ERROR_FIELDS = [
+    pa.field("error_stage", pa.string()),
+    pa.field("error_type", pa.string()),
+    pa.field("error_message", pa.string()),
+]
+
+LISTED_SCHEMA = pa.schema([pa.field("image_uri", pa.string()), pa.field("image_id", pa.string())])
+
+FETCHED_SCHEMA = pa.schema([*LISTED_SCHEMA, pa.field("data", pa.large_binary()), *_ERROR_FIELDS])
+
+PREPROCESSED_SCHEMA = pa.schema([
+    *LISTED_SCHEMA,
+    pa.field("height", pa.int32()),
+    pa.field("width", pa.int32()),
+    pa.field("pixel_values", pa.large_binary()),  # float32 (3, H', W'), C order
+    pa.field("pixel_shape", pa.list_(pa.int32())),
+    *_ERROR_FIELDS,
+])
+
+PREDICTED_SCHEMA = pa.schema([
+    *LISTED_SCHEMA,
+    pa.field("height", pa.int32()),
+    pa.field("width", pa.int32()),
+    pa.field("class_logits", pa.large_binary()),  # float32 (queries, labels + 1)
+    pa.field("class_shape", pa.list_(pa.int32())),
+    pa.field("mask_logits", pa.large_binary()),  # float32 (queries, H'/4, W'/4)
+    pa.field("mask_shape", pa.list_(pa.int32())),
+    *_ERROR_FIELDS,
+])
+
+SEGMENTS_SCHEMA = pa.schema([
+    pa.field("image_uri", pa.string()),
+    pa.field("image_id", pa.string()),
+    pa.field("height", pa.int32()),
+    pa.field("width", pa.int32()),
+    pa.field("task", pa.string()),
+    pa.field("segment_id", pa.int32()),
+    pa.field("label_id", pa.int32()),
+    pa.field("label", pa.string()),
+    pa.field("score", pa.float32()),  # null for semantic segments: a class map has no per-segment score
+    pa.field("area", pa.int64()),
+    pa.field("bbox", pa.list_(pa.float32(), 4)),  # COCO [x, y, width, height]
+    pa.field("rle_size", pa.list_(pa.int32(), 2)),  # [height, width]
+    pa.field("rle_counts", pa.string()),  # compressed COCO RLE, utf-8
+    pa.field("was_fused", pa.bool_()),
+    pa.field("model", pa.string()),
+    pa.field("run_id", pa.string()),
+])
+
+IMAGES_SCHEMA = pa.schema([
+    pa.field("image_uri", pa.string()),
+    pa.field("image_id", pa.string()),
+    pa.field("status", pa.string()),  # "ok" | "error"
+    pa.field("height", pa.int32()),
+    pa.field("width", pa.int32()),
+    *[pa.field(f"{task}_segments", pa.int32()) for task in TASKS],  # null when the task was not run
+    *_ERROR_FIELDS,
+    pa.field("run_id", pa.string()),
+])
+
+
+@dataclass(frozen=True)
+class StageError:
+    """Why one image failed, and where: carried as columns instead of raised, so no block is ever dropped."""
+
+    stage: str
+    type: str
+    message: str
+
+    @classmethod
+    def from_exception(cls, stage: str, error: BaseException) -> "StageError":
+        message = str(error) or repr(error)
+        return cls(stage=stage, type=type(error).__name__, message=message[:2000])
+
+    def as_columns(self) -> dict:
+        return {"error_stage": self.stage, "error_type": self.type, "error_message": self.message}
+
+    @staticmethod
+    def from_row(row: dict) -> "StageError | None":
+        if not row.get("error_stage"):
+            return None
+        return StageError(row["error_stage"], row.get("error_type") or "", row.get("error_message") or "")
+
+
+NO_ERROR_COLUMNS: dict = {"error_stage": None, "error_type": None, "error_message": None}
+
+
+@dataclass
+class SegmentRecord:
+    """One row of `segments/*.parquet`."""
+
+    image_uri: str
+    image_id: str
+    height: int
+    width: int
+    task: str
+    segment_id: int
+    label_id: int
+    label: str
+    score: float | None
+    area: int
+    bbox: list[float]
+    rle_size: list[int]
+    rle_counts: str
+    was_fused: bool
+    model: str
+    run_id: str
+
+
+@dataclass
+class ImageRecord:
+    """One row of `images/*.parquet`: every input image gets exactly one."""
+
+    image_uri: str
+    image_id: str
+    status: str
+    height: int | None = None
+    width: int | None = None
+    panoptic_segments: int | None = None
+    instance_segments: int | None = None
+    semantic_segments: int | None = None
+    error_stage: str | None = None
+    error_type: str | None = None
+    error_message: str | None = None
+    run_id: str = ""
+
+
+def pack_array(array: np.ndarray) -> tuple[bytes, list[int]]:
+    """A float32 array as (C-order bytes, shape) for a binary column."""
+    contiguous = np.ascontiguousarray(array, dtype=np.float32)
+    return contiguous.tobytes(), list(contiguous.shape)
+
+
+def unpack_array(data: bytes, shape: list[int]) -> np.ndarray:
+    """The inverse of `pack_array`; the result is a fresh writable array."""
+    return np.frombuffer(data, dtype=np.float32).reshape(shape).copy()
+
+
+def table_from_records(records: list, schema: pa.Schema) -> pa.Table:
+    """Rows (dicts or record dataclasses) as a table with exactly `schema`."""
+    rows = [asdict(r) if hasattr(r, "__dataclass_fields__") else r for r in records]
+    return pa.Table.from_pylist(rows, schema=schema)

@@ -1,0 +1,291 @@
+"""The labeling job: list -> read -> decode+preprocess -> model -> post-process+write, then compact and report.
+
+`run_segmentation(options)` is the whole job as a function (the CLI `jobs/segment_bucket.py` and the
+throughput benchmark both call it). It joins the Ray cluster it finds (an initialised Ray, `--ray-address`
+or RAY_ADDRESS as set by `ray job submit`), or starts an embedded one bound to 127.0.0.1.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+import uuid
+from dataclasses import asdict, dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+from ray._private import ray_constants
+
+from pipeline.checkpoint import TORCH_DTYPES, validate_checkpoint
+from pipeline.decode import DEFAULT_MAX_IMAGE_PIXELS
+from pipeline.inference import InferenceStage
+from pipeline.listing import IMAGE_EXTENSIONS, list_inputs
+from pipeline.overlays import OVERLAYS_DIR, write_overlays
+from pipeline.pools import PoolPlan, plan_pools
+from pipeline.postprocess import PostprocessSettings, PostprocessStage
+from pipeline.preprocess import PreprocessStage
+from pipeline.progress import PipelineStalledError, ProgressTracker, StallWatchdog
+from pipeline.read import DEFAULT_MAX_OBJECT_BYTES, read_objects
+from pipeline.records import SEGMENTS_SCHEMA, TASKS
+from pipeline.resume import compact, done_image_uris
+from pipeline.sinks import IMAGES_DIR, SEGMENTS_DIR, list_stems, read_table_file, write_json
+from pipeline.storage import StorageConfig, is_local_uri, join_uri
+
+__all__ = ["REPO_ROOT", "SegmentationOptions", "OutputNotEmptyError", "run_segmentation", "new_run_id", "start_local_ray"]
+
+logger = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+_MAX_INPUT_BLOCKS = 2000
+
+
+class OutputNotEmptyError(RuntimeError):
+    """--output already holds a labeling run and neither --resume nor --overwrite was given."""
+
+
+@dataclass
+class SegmentationOptions:
+    """Everything the job takes; field names match the CLI flags (`--mask-threshold` -> mask_threshold)."""
+
+    input: str = str(REPO_ROOT / "samples")
+    output: str = str(REPO_ROOT / "out" / "samples-run")
+    model: str = str(REPO_ROOT / "models" / "m2f-shapes-tiny")
+    tasks: tuple[str, ...] = TASKS
+    threshold: float = 0.5
+    mask_threshold: float = 0.5
+    overlap_threshold: float = 0.8
+    label_ids_to_fuse: tuple[int, ...] = ()
+    batch_size: int = 4
+    preprocess_actors: int | None = None
+    model_actors: int | None = None
+    postprocess_actors: int | None = None
+    dtype: str = "float32"
+    limit: int | None = None
+    resume: bool = False
+    overwrite: bool = False
+    storage_options: dict | str | None = None
+    overlays: int = 0
+    stall_timeout: float = 600.0
+    ray_address: str | None = None
+    images_per_file: int = 32
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES
+    extensions: tuple[str, ...] = IMAGE_EXTENSIONS
+    show_progress: bool = True
+
+    def validated(self) -> "SegmentationOptions":
+        tasks = tuple(t.strip() for t in (self.tasks.split(",") if isinstance(self.tasks, str) else self.tasks)
+                      if t.strip())
+        PostprocessSettings(tasks=tasks)  # raises on unknown tasks
+        if self.dtype not in TORCH_DTYPES:
+            raise ValueError(f"--dtype {self.dtype!r}: choose one of {', '.join(TORCH_DTYPES)}")
+        if self.batch_size < 1 or self.images_per_file < 1:
+            raise ValueError("--batch-size and --images-per-file must be at least 1")
+        if self.limit is not None and self.limit < 0:
+            raise ValueError("--limit must be 0 or more")
+        if self.resume and self.overwrite:
+            raise ValueError("--resume and --overwrite contradict each other; pass one")
+        output = os.path.abspath(self.output) if is_local_uri(self.output) and "://" not in self.output \
+            else self.output
+        model = os.path.abspath(self.model) if "://" not in self.model else self.model
+        fuse = tuple(int(i) for i in (str(self.label_ids_to_fuse).split(",")
+                                      if isinstance(self.label_ids_to_fuse, str) else self.label_ids_to_fuse)
+                     if str(i).strip() != "")
+        return replace(self, tasks=tasks, output=output, model=model, label_ids_to_fuse=fuse)
+
+
+def new_run_id() -> str:
+    """Sortable by start time (resume's tie-breaker), unique across concurrent starts."""
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ") + "-" + uuid.uuid4().hex[:6]
+
+
+def run_segmentation(options: SegmentationOptions | dict) -> dict:
+    """Runs the labeling job and returns its report (also written to <output>/report.json).
+
+    `options` is a SegmentationOptions or a dict of its fields.
+    """
+    started = time.monotonic()
+    if isinstance(options, dict):
+        options = SegmentationOptions(**options)
+    options = options.validated()
+    storage = StorageConfig.resolve(options.storage_options)
+    run_id = new_run_id()
+    checkpoint = validate_checkpoint(options.model, storage)  # fails at once on a broken model
+    _prepare_output(options, storage)
+
+    listed = list_inputs(options.input, storage, extensions=options.extensions, limit=options.limit)
+    previous = compact(options.output, storage) if options.resume else None
+    done = done_image_uris(previous.images) if previous is not None else set()
+    pending = listed.filter(pc.invert(pc.is_in(listed["image_uri"], pa.array(sorted(done), pa.string())))) \
+        if done else listed
+    logger.info("run %s: %d inputs listed, %d already done, %d to label", run_id, listed.num_rows,
+                listed.num_rows - pending.num_rows, pending.num_rows)
+
+    plan, processed = None, []
+    if pending.num_rows:
+        started_ray = _connect_ray(options.ray_address)
+        try:
+            plan = plan_pools(ray.cluster_resources(), preprocess_actors=options.preprocess_actors,
+                              model_actors=options.model_actors, postprocess_actors=options.postprocess_actors)
+            processed = _run_pipeline(pending, options, storage, plan, run_id)
+        finally:
+            if started_ray:
+                ray.shutdown()
+
+    final = compact(options.output, storage)
+    overlay_uris = _write_overlays(options, storage, final) if options.overlays else []
+    wall = time.monotonic() - started
+    report = _build_report(options, storage, run_id, checkpoint.id2label, plan, listed, pending, processed,
+                           final.images, wall, overlay_uris)
+    report["report_uri"] = write_json(options.output, storage, "report.json", json.dumps(report, indent=2))
+    return report
+
+
+def _prepare_output(options: SegmentationOptions, storage: StorageConfig) -> None:
+    filesystem, root = storage.filesystem(options.output)
+    if options.overwrite:
+        for name in (SEGMENTS_DIR, IMAGES_DIR, OVERLAYS_DIR):
+            path = f"{root.rstrip('/')}/{name}"
+            if filesystem.exists(path):
+                filesystem.rm(path, recursive=True)
+        return
+    if not options.resume and list_stems(options.output, storage, IMAGES_DIR):
+        raise OutputNotEmptyError(
+            f"--output {options.output} already holds a labeling run; pass --resume to finish it (images "
+            "recorded as 'ok' are skipped) or --overwrite to start over, or choose another --output")
+
+
+def _connect_ray(address: str | None) -> bool:
+    """Joins a running cluster when one is named, else starts an embedded one on 127.0.0.1. True if started."""
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+        return True
+    start_local_ray()
+    return True
+
+
+def start_local_ray(**init_kwargs) -> None:
+    """An embedded single-node Ray whose every process listens on 127.0.0.1 only."""
+    # Ray binds to the machine's outside address unless it believes it runs a laptop-only cluster; the flag is
+    # read from the environment at import (hence also the module constant) and by every process it spawns.
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    # Workers must import `pipeline` and `m2f_model` even when the package is not installed.
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(REPO_ROOT)) if p)
+    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, **init_kwargs)
+
+
+def _input_blocks(pending: pa.Table, batch_size: int) -> list[pa.Table]:
+    """The listing cut into blocks so that every actor gets work from the start (one block = one read task)."""
+    rows_per_block = max(batch_size, math.ceil(pending.num_rows / _MAX_INPUT_BLOCKS))
+    return [pending.slice(offset, rows_per_block) for offset in range(0, pending.num_rows, rows_per_block)]
+
+
+def _run_pipeline(pending: pa.Table, options: SegmentationOptions, storage: StorageConfig, plan: PoolPlan,
+                  run_id: str) -> list[dict]:
+    """Runs the Ray Data chain over `pending` and returns the images rows the writers committed."""
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = options.show_progress
+    tracker = ProgressTracker.remote()
+    settings = PostprocessSettings(tasks=options.tasks, threshold=options.threshold,
+                                   mask_threshold=options.mask_threshold,
+                                   overlap_threshold=options.overlap_threshold,
+                                   label_ids_to_fuse=options.label_ids_to_fuse)
+    common = {"model_uri": options.model, "storage": storage, "tracker": tracker}
+    model_resources = {"num_cpus": plan.model_cpus}
+    if plan.model_gpus:
+        model_resources["num_gpus"] = plan.model_gpus
+
+    dataset = (
+        ray.data.from_arrow(_input_blocks(pending, options.batch_size))
+        .map_batches(read_objects, batch_format="pyarrow", batch_size=options.batch_size,
+                     num_cpus=plan.read_task_cpus,
+                     fn_kwargs={"storage": storage, "max_object_bytes": options.max_object_bytes,
+                                "tracker": tracker})
+        .map_batches(PreprocessStage, batch_format="pyarrow", batch_size=options.batch_size,
+                     compute=ray.data.ActorPoolStrategy(size=plan.preprocess_actors),
+                     num_cpus=plan.preprocess_cpus,
+                     fn_constructor_kwargs={**common, "max_image_pixels": options.max_image_pixels})
+        .map_batches(InferenceStage, batch_format="pyarrow", batch_size=options.batch_size,
+                     compute=ray.data.ActorPoolStrategy(size=plan.model_actors), **model_resources,
+                     fn_constructor_kwargs={**common, "dtype": options.dtype,
+                                            "torch_threads": plan.model_torch_threads})
+        .map_batches(PostprocessStage, batch_format="pyarrow", batch_size=options.images_per_file,
+                     compute=ray.data.ActorPoolStrategy(size=plan.postprocess_actors),
+                     num_cpus=plan.postprocess_cpus,
+                     fn_constructor_kwargs={**common, "output_uri": options.output, "settings": settings,
+                                            "model_name": options.model, "run_id": run_id})
+    )
+    watchdog = StallWatchdog(tracker, expected=pending.num_rows, stall_timeout=options.stall_timeout)
+    watchdog.start()
+    committed: list[dict] = []
+    try:
+        for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+            committed.extend(batch.select(["image_uri", "status", "error_stage", "panoptic_segments",
+                                           "instance_segments", "semantic_segments"]).to_pylist())
+    except KeyboardInterrupt:
+        if watchdog.stall_message is not None:
+            raise PipelineStalledError(watchdog.stall_message) from None
+        raise
+    finally:
+        watchdog.stop()
+    if watchdog.stall_message is not None:
+        raise PipelineStalledError(watchdog.stall_message)
+    return committed
+
+
+def _write_overlays(options: SegmentationOptions, storage: StorageConfig, final) -> list[str]:
+    chosen = final.images.filter(pc.equal(final.images["status"], "ok")).sort_by("image_id") \
+        .slice(0, options.overlays)
+    stems = sorted({final.stems[uri] for uri in chosen["image_uri"].to_pylist()})
+    segments = pa.concat_tables([read_table_file(options.output, storage, SEGMENTS_DIR, s).cast(SEGMENTS_SCHEMA)
+                                 for s in stems]) if stems else SEGMENTS_SCHEMA.empty_table()
+    return write_overlays(options.output, storage, chosen, segments, count=options.overlays, tasks=options.tasks)
+
+
+def _build_report(options: SegmentationOptions, storage: StorageConfig, run_id: str, id2label: dict,
+                  plan: PoolPlan | None, listed: pa.Table, pending: pa.Table, processed: list[dict], final: pa.Table,
+                  wall: float, overlay_uris: list[str]) -> dict:
+    ok = [r for r in processed if r["status"] == "ok"]
+    errors_by_stage: dict[str, int] = {}
+    for row in processed:
+        if row["status"] != "ok":
+            errors_by_stage[row["error_stage"]] = errors_by_stage.get(row["error_stage"], 0) + 1
+    totals = final.to_pylist()
+    args = {k: v for k, v in asdict(options).items() if k != "storage_options"}
+    args["storage_options"] = storage.redacted()
+    args["tasks"] = list(options.tasks)
+    return {
+        "run_id": run_id,
+        "input": options.input,
+        "output": options.output,
+        "model": options.model,
+        "labels": {str(k): v for k, v in sorted(id2label.items())},
+        "inputs_seen": listed.num_rows,
+        "skipped_already_ok": listed.num_rows - pending.num_rows,
+        "processed": len(processed),
+        "ok": len(ok),
+        "errors": len(processed) - len(ok),
+        "errors_by_stage": errors_by_stage,
+        "segments": {task: sum(r[f"{task}_segments"] or 0 for r in ok) for task in options.tasks},
+        "wall_time_s": round(wall, 3),
+        "images_per_s": round(len(processed) / wall, 4) if wall > 0 else None,
+        "output_totals": {
+            "images": len(totals),
+            "ok": sum(1 for r in totals if r["status"] == "ok"),
+            "errors": sum(1 for r in totals if r["status"] != "ok"),
+            "segments": {task: sum(r[f"{task}_segments"] or 0 for r in totals) for task in TASKS},
+        },
+        "tables": {"segments": join_uri(options.output, SEGMENTS_DIR), "images": join_uri(options.output, IMAGES_DIR)},
+        "overlays": overlay_uris,
+        "pools": plan.as_dict() if plan is not None else None,
+        "args": args,
+    }
