@@ -203,7 +203,8 @@ class Mask2FormerLoss(nn.Module):
             loss_mask, loss_dice, loss_cross_entropy, then the same keys suffixed `_{i}` for auxiliary prediction i.
         """
         self._check_targets(masks_queries_logits, mask_labels, class_labels)
-        num_masks = self.average_num_masks(class_labels, device=class_labels[0].device)
+        # On the logits' device: with NCCL, the all-reduce needs a GPU tensor even when the labels stay on the CPU.
+        num_masks = self.average_num_masks(class_labels, device=masks_queries_logits.device)
         losses = self._prediction_losses(masks_queries_logits, class_queries_logits, mask_labels, class_labels,
                                          num_masks)
         for layer_index, auxiliary in enumerate(auxiliary_predictions or []):
