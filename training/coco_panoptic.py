@@ -131,7 +131,8 @@ class CocoPanopticDataset(SegmentationDataset):
                 continue
             segment_map[pixels] = segment_id
             segment_labels[segment_id] = segment.label
-        unlisted = sorted(set(np.unique(png_ids).tolist()) - listed - {0})
+        uncovered = (segment_map == self.ignore_index) & (png_ids != 0)
+        unlisted = sorted(set(np.unique(png_ids[uncovered]).tolist()) - listed) if uncovered.any() else []
         if unlisted:
             self.skipped.add("PNG id without a segment", f"ids {unlisted[:5]} in {record.png_name} are not in "
                              f"its segments_info; left unlabeled", bad=False)

@@ -391,3 +391,24 @@ def test_items_match_those_made_with_the_transformers_processor(tmp_path, ds_pro
     torch.testing.assert_close(our_item["pixel_values"], reference_item["pixel_values"], atol=1e-4, rtol=0)
     for key in ("pixel_mask", "mask_labels", "class_labels"):
         assert torch.equal(our_item[key], reference_item[key]), key
+
+
+def test_a_processor_set_to_reduce_labels_does_not_shift_coco_targets_and_sets_the_semantic_default(tmp_path):
+    reducing_processor = Mask2FormerImageProcessor(size={"height": HEIGHT, "width": WIDTH}, ignore_index=IGNORE_INDEX,
+                                                   do_reduce_labels=True)
+    square = box_mask(2, 3, 12, 15)
+    root = write_instance_dataset(tmp_path / "coco", [
+        {"id": 1, "image_id": 1, "category_id": 3, "iscrowd": 0, "segmentation": compressed_rle(square)}])
+    item = load_coco_dataset(str(root), "train", processor=reducing_processor, task="instance")[0]
+    assert item["class_labels"].tolist() == [0]
+    assert np.array_equal(item["mask_labels"][0].numpy().astype(bool), square)
+    assert reducing_processor.do_reduce_labels  # the caller's processor is left as it was
+
+    labels = np.zeros((HEIGHT, WIDTH), dtype=np.uint8)
+    labels[square] = 2
+    semantic = load_semantic_dataset(str(write_semantic_dataset(tmp_path / "ade", labels)), "training",
+                                     processor=reducing_processor, id2label={0: "a", 1: "b"})
+    assert semantic.reduce_labels
+    semantic_item = semantic[0]
+    assert semantic_item["class_labels"].tolist() == [1]
+    assert np.array_equal(semantic_item["mask_labels"][0].numpy().astype(bool), square)
