@@ -27,6 +27,7 @@ __all__ = [
     "dice_point_loss",
     "pairwise_sigmoid_bce_cost",
     "pairwise_dice_cost",
+    "sample_uncertain_points",
 ]
 
 MatchedIndices = list[tuple[Tensor, Tensor]]
@@ -105,34 +106,36 @@ class Mask2FormerHungarianMatcher(nn.Module):
         Returns:
             Per image, (query_indices, target_indices), both int64 of length min(Q, T_i).
         """
-        matched: MatchedIndices = []
-        for image_index in range(masks_queries_logits.shape[0]):
-            mask_logits = masks_queries_logits[image_index]  # (Q, h, w)
-            targets = mask_labels[image_index].to(mask_logits)  # (T, H, W)
-            labels = class_labels[image_index]
+        # Costs in float32 even under mixed precision: half-precision costs blur the assignment.
+        with torch.autocast(device_type=masks_queries_logits.device.type, enabled=False):
+            return [self._match_image(masks_queries_logits[index].float(), class_queries_logits[index].float(),
+                                      mask_labels[index], class_labels[index])
+                    for index in range(masks_queries_logits.shape[0])]
 
-            # Drawn for every image, even one without targets, so later draws stay in step with the reference.
-            coordinates = torch.rand(1, self.num_points, 2, device=mask_logits.device)  # (1, P, 2)
-            if targets.shape[0] == 0:
-                empty = torch.zeros(0, dtype=torch.int64)
-                matched.append((empty, empty.clone()))
-                continue
+    def _match_image(self, mask_logits: Tensor, class_logits: Tensor, targets: Tensor, labels: Tensor
+                     ) -> tuple[Tensor, Tensor]:
+        """(Q, h, w) and (Q, L + 1) logits against (T, H, W) masks and (T,) labels of one image."""
+        targets = targets.to(mask_logits)
 
-            # Masks of one image share the points, so they are read as channels of a single map.
-            point_logits = sample_points(mask_logits[None], coordinates)[0]  # (Q, P)
-            point_labels = sample_points(targets[None], coordinates)[0]  # (T, P)
+        # Drawn for every image, even one without targets, so later draws stay in step with the reference.
+        coordinates = torch.rand(1, self.num_points, 2, device=mask_logits.device)  # (1, P, 2)
+        if targets.shape[0] == 0:
+            return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
 
-            class_cost = -class_queries_logits[image_index].softmax(-1)[:, labels]  # (Q, T)
-            cost = (self.cost_mask * pairwise_sigmoid_bce_cost(point_logits, point_labels)
-                    + self.cost_class * class_cost
-                    + self.cost_dice * pairwise_dice_cost(point_logits, point_labels))
-            # Non-finite costs (diverged logits, broken targets) become the largest cost instead of failing scipy.
-            largest = torch.finfo(cost.dtype).max
-            cost = torch.nan_to_num(cost, nan=largest, posinf=largest, neginf=largest)
-            query_indices, target_indices = linear_sum_assignment(cost.float().cpu().numpy())
-            matched.append((torch.as_tensor(query_indices, dtype=torch.int64),
-                            torch.as_tensor(target_indices, dtype=torch.int64)))
-        return matched
+        # Masks of one image share the points, so they are read as channels of a single map.
+        point_logits = sample_points(mask_logits[None], coordinates)[0]  # (Q, P)
+        point_labels = sample_points(targets[None], coordinates)[0]  # (T, P)
+
+        class_cost = -class_logits.softmax(-1)[:, labels]  # (Q, T)
+        cost = (self.cost_mask * pairwise_sigmoid_bce_cost(point_logits, point_labels)
+                + self.cost_class * class_cost
+                + self.cost_dice * pairwise_dice_cost(point_logits, point_labels))
+        # Non-finite costs (diverged logits, broken targets) become the largest cost instead of failing scipy.
+        largest = torch.finfo(cost.dtype).max
+        cost = torch.nan_to_num(cost, nan=largest, posinf=largest, neginf=largest)
+        query_indices, target_indices = linear_sum_assignment(cost.cpu().numpy())
+        return (torch.as_tensor(query_indices, dtype=torch.int64),
+                torch.as_tensor(target_indices, dtype=torch.int64))
 
 
 def _mask_uncertainty(logits: Tensor) -> Tensor:

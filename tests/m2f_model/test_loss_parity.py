@@ -249,3 +249,20 @@ def test_model_forward_with_labels_gives_the_loss_and_parameter_gradients_of_tra
     assert len(our_gradients) > 50
     for name, reference_gradient in reference_gradients.items():
         torch.testing.assert_close(our_gradients[name], reference_gradient, atol=TOLERANCE, rtol=0, msg=name)
+
+
+def test_half_precision_logits_under_autocast_give_finite_losses_close_to_float32():
+    generator = torch.Generator().manual_seed(9)
+    masks, classes, auxiliary = make_predictions(generator, 2, num_auxiliary=1)
+    mask_labels, class_labels = make_targets(generator, [3, 1], [(48, 48)] * 2)
+    loss_module = ours.Mask2FormerLoss(our_config(make_config()), WEIGHT_DICT)
+
+    torch.manual_seed(0)
+    full_precision = loss_module(masks, classes, mask_labels, class_labels, auxiliary)
+    half_auxiliary = [{key: value.bfloat16() for key, value in entry.items()} for entry in auxiliary]
+    torch.manual_seed(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half_precision = loss_module(masks.bfloat16(), classes.bfloat16(), mask_labels, class_labels, half_auxiliary)
+    for name, value in full_precision.items():
+        assert torch.isfinite(half_precision[name])
+        assert abs(half_precision[name].float().item() - value.item()) < 0.05 * max(1.0, abs(value.item())), name
