@@ -412,3 +412,14 @@ def test_a_processor_set_to_reduce_labels_does_not_shift_coco_targets_and_sets_t
     semantic_item = semantic[0]
     assert semantic_item["class_labels"].tolist() == [1]
     assert np.array_equal(semantic_item["mask_labels"][0].numpy().astype(bool), square)
+
+
+def test_unreadable_or_resized_image_files_raise_errors_naming_the_file(tmp_path, ds_processor):
+    root = write_instance_dataset(tmp_path, [])
+    (root / "train" / "a.png").write_bytes(b"not a png at all")
+    Image.fromarray(np.zeros((HEIGHT // 2, WIDTH, 3), dtype=np.uint8)).save(root / "train" / "b.png")
+    dataset = load_coco_dataset(str(root), "train", processor=ds_processor, task="instance")
+    with pytest.raises(ValueError, match=r"train/a.png could not be decoded as an image"):
+        dataset[0]
+    with pytest.raises(ValueError, match=r"train/b.png is 64x16 \(WxH\) but .*instances_train.json gives image 2"):
+        dataset[1]
