@@ -11,6 +11,7 @@ Rules (each overridable by the CLI):
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 __all__ = ["PoolPlan", "plan_pools"]
@@ -71,10 +72,15 @@ def plan_pools(cluster_resources: dict, *, preprocess_actors: int | None = None,
     wanted = {"model": model_actors * wanted_model_cpus, "pre": preprocess_actors * side_cpus,
               "post": postprocess_actors * side_cpus}
     scale = min(1.0, budget / sum(wanted.values()))
-    model_cpus = round(wanted_model_cpus * scale, 3)
-    side = round(side_cpus * scale, 3)
+    model_cpus = _round_down(wanted_model_cpus * scale)
+    side = _round_down(side_cpus * scale)
     threads = None if with_gpu else max(1, int(round(cpus / model_actors)))
     return PoolPlan(preprocess_actors=preprocess_actors, model_actors=model_actors,
                     postprocess_actors=postprocess_actors, preprocess_cpus=side, model_cpus=model_cpus,
                     model_gpus=1.0 if with_gpu else 0.0, postprocess_cpus=side, read_task_cpus=READ_TASK_CPUS,
                     model_torch_threads=threads, cluster_cpus=cpus, cluster_gpus=gpus)
+
+
+def _round_down(cpus: float) -> float:
+    """Three decimals, never more than asked (rounding up could push the pools past the budget)."""
+    return math.floor(cpus * 1000) / 1000

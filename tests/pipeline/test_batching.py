@@ -1,0 +1,97 @@
+"""Batching never changes an image's result: what the stages produce for an image inside a mixed batch equals
+single-image inference (the model ignores pixel_mask, so padding a small image into a batch would not)."""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.inference import InferenceStage, group_by_shape
+from pipeline.preprocess import PreprocessStage
+from pipeline.records import FETCHED_SCHEMA, unpack_array
+from pipeline.storage import StorageConfig
+from pipeline_test_images import image_bytes, random_rgb
+
+STORAGE = StorageConfig.resolve({}, environ={})
+# (height, width): with shortest_edge 64 / longest 128 / divisor 32 these resize to three different shapes,
+# and the first and last share one.
+SIZES = [(50, 70), (80, 60), (64, 64), (45, 66)]
+
+
+@pytest.fixture(scope="module")
+def aspect_preserving_checkpoint(tiny_checkpoint, tmp_path_factory):
+    """The tiny model with a processor that keeps aspect ratios, so processed shapes differ per image."""
+    from m2f_model import Mask2FormerImageProcessor
+
+    directory = tmp_path_factory.mktemp("tiny-m2f-aspect")
+    shutil.copytree(tiny_checkpoint, directory, dirs_exist_ok=True)
+    Mask2FormerImageProcessor(size={"shortest_edge": 64, "longest_edge": 128}, size_divisor=32, num_labels=5,
+                              ignore_index=255).save_pretrained(directory)
+    return directory
+
+
+def single_image_logits(checkpoint, image: Image.Image) -> tuple[np.ndarray, np.ndarray]:
+    from m2f_model import Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor
+
+    processor = Mask2FormerImageProcessor.from_pretrained(str(checkpoint))
+    model = Mask2FormerForUniversalSegmentation.from_pretrained(str(checkpoint)).eval()
+    with torch.inference_mode():
+        outputs = model(pixel_values=processor(images=[image], return_tensors="pt")["pixel_values"])
+    return outputs.class_queries_logits[0].numpy(), outputs.masks_queries_logits[0].numpy()
+
+
+def fetched_batch(images: list[np.ndarray]) -> pa.Table:
+    rows = [{"image_uri": f"/img{i}.png", "image_id": f"img{i}.png", "data": image_bytes(a), "error_stage": None,
+             "error_type": None, "error_message": None} for i, a in enumerate(images)]
+    return pa.Table.from_pylist(rows, schema=FETCHED_SCHEMA)
+
+
+def test_group_by_shape_keeps_first_appearance_order_and_skips_failed_rows():
+    groups = group_by_shape([[3, 64, 96], [3, 96, 64], None, [3, 64, 96]])
+    assert groups == {(3, 64, 96): [0, 3], (3, 96, 64): [1]}
+
+
+def test_each_image_in_a_mixed_batch_gets_its_single_image_result(aspect_preserving_checkpoint):
+    arrays = [random_rgb(h, w, seed=i) for i, (h, w) in enumerate(SIZES)]
+    preprocess = PreprocessStage(model_uri=str(aspect_preserving_checkpoint), storage=STORAGE)
+    inference = InferenceStage(model_uri=str(aspect_preserving_checkpoint), storage=STORAGE)
+    preprocessed = preprocess(fetched_batch(arrays))
+    shapes = [tuple(s) for s in preprocessed["pixel_shape"].to_pylist()]
+    assert len(set(shapes)) == 3 and shapes[0] == shapes[3], "the batch must mix shapes for this test"
+    predicted = inference(preprocessed).to_pylist()
+    for array, row in zip(arrays, predicted):
+        assert (row["height"], row["width"]) == array.shape[:2]
+        expected_class, expected_masks = single_image_logits(aspect_preserving_checkpoint, Image.fromarray(array))
+        np.testing.assert_allclose(unpack_array(row["class_logits"], row["class_shape"]), expected_class,
+                                   rtol=0, atol=1e-5)
+        np.testing.assert_allclose(unpack_array(row["mask_logits"], row["mask_shape"]), expected_masks,
+                                   rtol=0, atol=1e-5)
+
+
+def test_padding_into_a_larger_batch_would_change_the_result(aspect_preserving_checkpoint):
+    """Why the stages group by shape: the model gives a padded image different logits."""
+    from m2f_model import Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor
+
+    processor = Mask2FormerImageProcessor.from_pretrained(str(aspect_preserving_checkpoint))
+    model = Mask2FormerForUniversalSegmentation.from_pretrained(str(aspect_preserving_checkpoint)).eval()
+    small, large = Image.fromarray(random_rgb(*SIZES[0], seed=0)), Image.fromarray(random_rgb(*SIZES[1], seed=1))
+    padded = processor(images=[small, large], return_tensors="pt")["pixel_values"]
+    with torch.inference_mode():
+        padded_logits = model(pixel_values=padded).class_queries_logits[0].numpy()
+    alone_logits, _ = single_image_logits(aspect_preserving_checkpoint, small)
+    assert np.abs(padded_logits - alone_logits).max() > 1e-3
+
+
+def test_failed_rows_pass_through_inference_untouched(tiny_checkpoint):
+    preprocess = PreprocessStage(model_uri=str(tiny_checkpoint), storage=STORAGE)
+    inference = InferenceStage(model_uri=str(tiny_checkpoint), storage=STORAGE)
+    batch = fetched_batch([random_rgb(30, 30)])
+    broken = pa.Table.from_pylist([{**batch.to_pylist()[0], "image_uri": "/bad.png", "data": b"not an image"}],
+                                  schema=FETCHED_SCHEMA)
+    predicted = inference(preprocess(pa.concat_tables([broken, batch]))).to_pylist()
+    assert predicted[0]["error_stage"] == "decode" and predicted[0]["class_logits"] is None
+    assert predicted[1]["error_stage"] is None and predicted[1]["class_logits"] is not None

@@ -1,0 +1,97 @@
+"""Commit protocol and compaction: partial files never count, superseded rows disappear, nothing is lost."""
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.records import IMAGES_SCHEMA, SEGMENTS_SCHEMA
+from pipeline.resume import compact, done_image_uris
+from pipeline.sinks import batch_file_stem, list_stems, write_batch
+from pipeline.storage import StorageConfig
+
+STORAGE = StorageConfig.resolve({}, environ={})
+
+
+def image_row(uri: str, status: str, run_id: str) -> dict:
+    ok = status == "ok"
+    return {"image_uri": uri, "image_id": uri.rsplit("/", 1)[-1], "status": status, "height": 4, "width": 4,
+            "panoptic_segments": 1 if ok else None, "instance_segments": None, "semantic_segments": None,
+            "error_stage": None if ok else "decode", "error_type": None if ok else "ImageDecodeError",
+            "error_message": None if ok else "bad", "run_id": run_id}
+
+
+def segment_row(uri: str, run_id: str) -> dict:
+    return {"image_uri": uri, "image_id": uri, "height": 4, "width": 4, "task": "panoptic", "segment_id": 1,
+            "label_id": 0, "label": "circle", "score": 0.9, "area": 16, "bbox": [0.0, 0.0, 4.0, 4.0],
+            "rle_size": [4, 4], "rle_counts": "0@", "was_fused": False, "model": "m", "run_id": run_id}
+
+
+def commit(output: str, run_id: str, statuses: dict) -> str:
+    images = pa.Table.from_pylist([image_row(u, s, run_id) for u, s in statuses.items()], schema=IMAGES_SCHEMA)
+    segments = pa.Table.from_pylist([segment_row(u, run_id) for u, s in statuses.items() if s == "ok"],
+                                    schema=SEGMENTS_SCHEMA)
+    stem = batch_file_stem(run_id, list(statuses))
+    write_batch(output, STORAGE, stem, segments=segments, images=images)
+    return stem
+
+
+def test_batch_names_are_deterministic_so_a_retry_overwrites_its_own_files(tmp_path):
+    assert batch_file_stem("r1", ["/b", "/a"]) == batch_file_stem("r1", ["/a", "/b"])
+    assert batch_file_stem("r1", ["/a"]) != batch_file_stem("r2", ["/a"])
+    commit(str(tmp_path), "r1", {"/a": "ok"})
+    commit(str(tmp_path), "r1", {"/a": "ok"})
+    assert len(list_stems(str(tmp_path), STORAGE, "images")) == 1
+
+
+def test_partial_files_of_a_killed_run_never_count_and_are_removed(tmp_path):
+    output = str(tmp_path)
+    committed = commit(output, "r1", {"/a": "ok", "/b": "error"})
+    orphan = commit(output, "r1", {"/c": "ok"})
+    (tmp_path / "images" / f"{orphan}.parquet").unlink()  # killed between the segments and the images file
+    (tmp_path / "images" / ".tmp-123-half.parquet").write_bytes(b"PAR1 truncated")
+    result = compact(output, STORAGE)
+    assert done_image_uris(result.images) == {"/a"}
+    assert sorted(result.images["image_uri"].to_pylist()) == ["/a", "/b"]
+    assert sorted(p.name for p in (tmp_path / "segments").iterdir()) == [f"{committed}.parquet"]
+    assert [p.name for p in (tmp_path / "images").iterdir()] == [f"{committed}.parquet"]
+    assert pq.read_table(tmp_path / "images").num_rows == 2
+
+
+def test_rerun_supersedes_error_rows_and_each_image_remains_exactly_once(tmp_path):
+    output = str(tmp_path)
+    commit(output, "20260101T000000Z-a", {"/a": "ok", "/b": "error", "/c": "error"})
+    commit(output, "20260102T000000Z-b", {"/b": "ok"})  # the re-run fixed /b, /c fails again below
+    commit(output, "20260102T000000Z-b", {"/c": "error", "/d": "ok"})
+    result = compact(output, STORAGE)
+    rows = {r["image_uri"]: r for r in result.images.to_pylist()}
+    assert {u: r["status"] for u, r in rows.items()} == {"/a": "ok", "/b": "ok", "/c": "error", "/d": "ok"}
+    assert rows["/c"]["run_id"] == "20260102T000000Z-b"
+    on_disk = pq.read_table(tmp_path / "images")
+    assert sorted(on_disk["image_uri"].to_pylist()) == ["/a", "/b", "/c", "/d"]
+    segments = pq.read_table(tmp_path / "segments")
+    assert sorted(segments["image_uri"].to_pylist()) == ["/a", "/b", "/d"]
+    assert compact(output, STORAGE).rewritten_stems == [], "compaction is idempotent"
+
+
+def test_duplicate_ok_rows_keep_one_copy_and_its_segments(tmp_path):
+    output = str(tmp_path)
+    commit(output, "r1", {"/a": "ok", "/b": "ok"})
+    commit(output, "r1", {"/a": "ok"})  # e.g. a retried task that saw a different batch
+    compact(output, STORAGE)
+    assert sorted(pq.read_table(tmp_path / "images")["image_uri"].to_pylist()) == ["/a", "/b"]
+    assert sorted(pq.read_table(tmp_path / "segments")["image_uri"].to_pylist()) == ["/a", "/b"]
+
+
+def test_crash_during_a_rewrite_is_resolved_by_the_next_compaction(tmp_path):
+    output = str(tmp_path)
+    old = commit(output, "r1", {"/a": "ok", "/b": "error"})
+    commit(output, "r2", {"/b": "ok"})
+    # Simulate a crash after the rewritten files were written but before the old ones were deleted.
+    images = pq.read_table(tmp_path / "images" / f"{old}.parquet")
+    segments = pq.read_table(tmp_path / "segments" / f"{old}.parquet")
+    pq.write_table(segments, tmp_path / "segments" / f"{old}-kdeadbeef.parquet")
+    pq.write_table(images.slice(0, 1), tmp_path / "images" / f"{old}-kdeadbeef.parquet")
+    compact(output, STORAGE)
+    on_disk = pq.read_table(tmp_path / "images")
+    assert sorted(on_disk["image_uri"].to_pylist()) == ["/a", "/b"]
+    assert sorted(pq.read_table(tmp_path / "segments")["image_uri"].to_pylist()) == ["/a", "/b"]
