@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from typing import Any
 
 import fsspec
@@ -15,14 +16,31 @@ __all__ = ["DatasetLocation", "open_location"]
 class DatasetLocation:
     """A dataset root on some filesystem: joins relative paths, lists folders, reads JSON and images.
 
-    Picklable (the fsspec filesystem travels with it), so datasets built on it work in DataLoader workers and
-    Ray Train workers.
+    Safe to fork and to pickle (DataLoader workers, Ray Train workers): the fsspec filesystem is rebuilt from the
+    URI and storage options in every new process, because an s3fs instance used before a fork refuses to work
+    after it ("This class is not fork-safe").
     """
 
-    def __init__(self, filesystem: fsspec.AbstractFileSystem, root: str, uri: str) -> None:
-        self.filesystem = filesystem
+    def __init__(self, uri: str, storage_options: dict[str, Any] | None = None) -> None:
+        self.uri = str(uri)
+        self.storage_options = dict(storage_options or {})
+        filesystem, root = fsspec.core.url_to_fs(self.uri, **self.storage_options)
         self.root = root.rstrip("/")
-        self.uri = uri
+        self._filesystem: fsspec.AbstractFileSystem | None = filesystem
+        self._filesystem_pid = os.getpid()
+
+    @property
+    def filesystem(self) -> fsspec.AbstractFileSystem:
+        if self._filesystem is None or self._filesystem_pid != os.getpid():
+            # fsspec clears its instance cache in a new process, so this is a fresh instance there.
+            self._filesystem, _ = fsspec.core.url_to_fs(self.uri, **self.storage_options)
+            self._filesystem_pid = os.getpid()
+        return self._filesystem
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_filesystem"] = None
+        return state
 
     def path(self, *parts: str) -> str:
         return "/".join([self.root, *(part.strip("/") for part in parts if part)])
@@ -72,5 +90,4 @@ class DatasetLocation:
 
 def open_location(root_or_uri: str, storage_options: dict[str, Any] | None = None) -> DatasetLocation:
     """A `DatasetLocation` for a local path or a URI such as s3://bucket/prefix (storage_options go to fsspec)."""
-    filesystem, root = fsspec.core.url_to_fs(str(root_or_uri), **(storage_options or {}))
-    return DatasetLocation(filesystem, root, str(root_or_uri))
+    return DatasetLocation(str(root_or_uri), storage_options)

@@ -6,6 +6,7 @@ mask_labels / class_labels are known without running the code under test.
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -368,6 +369,11 @@ def test_dataset_on_s3_gives_the_same_items_as_the_local_copy(tmp_path, ds_proce
     for key in ("pixel_values", "pixel_mask", "mask_labels", "class_labels"):
         assert torch.equal(remote_item[key], local_item[key]), key
     assert sorted(remote_item["class_labels"].tolist()) == ([1] if task == "instance" else [1, 2])
+
+    # A DataLoader worker forked after the parent used the S3 filesystem, and a pickled copy (Ray), read too.
+    loader = torch.utils.data.DataLoader(remote, batch_size=1, num_workers=1, collate_fn=collate_segmentation_batch)
+    assert torch.equal(next(iter(loader))["pixel_values"][0], local_item["pixel_values"])
+    assert torch.equal(pickle.loads(pickle.dumps(remote))[0]["mask_labels"], local_item["mask_labels"])
 
     filesystem.rm(f"{bucket}/shapes/train/a.jpg")
     missing = load_coco_dataset(f"s3://{bucket}/shapes", "train", processor=ds_processor, task=task,
