@@ -171,7 +171,7 @@ class Mask2FormerLoss(nn.Module):
     """Set-prediction loss of Mask2Former: class cross-entropy plus point-sampled mask BCE and dice.
 
     The returned losses are unweighted, like transformers'; `weight_dict` (kept as an attribute) holds the weights
-    the model applies, see `weighted`. The buffer `empty_weight` (L + 1,) is part of checkpoints as
+    the model applies. The buffer `empty_weight` (L + 1,) is part of checkpoints as
     `criterion.empty_weight`.
     """
 
@@ -216,14 +216,6 @@ class Mask2FormerLoss(nn.Module):
                                                        num_masks)
             losses.update({f"{name}_{layer_index}": value for name, value in auxiliary_losses.items()})
         return losses
-
-    def weighted(self, losses: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Each loss times the weight of its kind (`loss_mask_3` takes the weight of `loss_mask`)."""
-        weighted_losses = {}
-        for name, value in losses.items():
-            kind = next((key for key in self.weight_dict if name == key or name.startswith(f"{key}_")), None)
-            weighted_losses[name] = value * self.weight_dict[kind] if kind is not None else value
-        return weighted_losses
 
     def average_num_masks(self, class_labels: list[Tensor], device: torch.device) -> Tensor:
         """Target masks per data-parallel worker (averaged over workers when torch.distributed runs), at least 1."""

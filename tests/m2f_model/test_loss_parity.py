@@ -172,16 +172,6 @@ def test_empty_weight_is_a_persistent_buffer_with_the_no_object_weight_last():
     assert "criterion.empty_weight" in holder.state_dict()
 
 
-def test_weighted_applies_each_kind_of_weight_to_its_auxiliary_losses_too():
-    loss_module = ours.Mask2FormerLoss(our_config(make_config()), WEIGHT_DICT)
-    losses = {name: torch.tensor(1.0) for name in
-              ["loss_mask", "loss_dice", "loss_cross_entropy", "loss_mask_0", "loss_dice_0", "loss_cross_entropy_0"]}
-    weighted = loss_module.weighted(losses)
-    assert {name: value.item() for name, value in weighted.items()} == {
-        "loss_mask": 5.0, "loss_dice": 5.0, "loss_cross_entropy": 2.0,
-        "loss_mask_0": 5.0, "loss_dice_0": 5.0, "loss_cross_entropy_0": 2.0}
-
-
 def test_num_masks_is_averaged_over_data_parallel_workers(monkeypatch):
     """With another worker holding 7 masks, two workers normalise by (3 + 7) / 2 = 5 masks each."""
     def all_reduce_with_a_second_worker(tensor, *args, **kwargs):
