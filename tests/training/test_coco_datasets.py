@@ -295,7 +295,8 @@ def test_semantic_maps_without_reduce_labels_keep_zero_as_a_class(tmp_path, ds_p
 
 def test_collate_pads_images_and_masks_to_the_batch_maximum(tmp_path):
     def item(height: int, width: int, count: int, image_id: int) -> dict:
-        return {"pixel_values": torch.ones(3, height, width), "pixel_mask": torch.ones(height, width, dtype=torch.int64),
+        return {"pixel_values": torch.ones(3, height, width),
+                "pixel_mask": torch.ones(height, width, dtype=torch.int64),
                 "mask_labels": torch.ones(count, height, width), "class_labels": torch.arange(count),
                 "image_id": image_id}
 
@@ -312,8 +313,10 @@ def test_collate_pads_images_and_masks_to_the_batch_maximum(tmp_path):
 
 def test_augmented_batches_from_the_dataset_feed_the_loss(tmp_path, ds_processor):
     root = write_instance_dataset(tmp_path, [
-        {"id": 1, "image_id": 1, "category_id": 7, "iscrowd": 0, "segmentation": compressed_rle(box_mask(2, 2, 20, 20))},
-        {"id": 2, "image_id": 2, "category_id": 3, "iscrowd": 0, "segmentation": compressed_rle(box_mask(5, 5, 9, 40))},
+        {"id": 1, "image_id": 1, "category_id": 7, "iscrowd": 0,
+         "segmentation": compressed_rle(box_mask(2, 2, 20, 20))},
+        {"id": 2, "image_id": 2, "category_id": 3, "iscrowd": 0,
+         "segmentation": compressed_rle(box_mask(5, 5, 9, 40))},
     ])
     dataset = load_coco_dataset(str(root), "train", processor=ds_processor, task="instance",
                                 augmentation=ScaleCropFlip(min_scale=0.8, max_scale=1.5, crop_size=(24, 40), seed=3))
