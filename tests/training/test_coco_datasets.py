@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -337,6 +338,9 @@ def test_augmented_batches_from_the_dataset_feed_the_loss(tmp_path, ds_processor
 @pytest.fixture(scope="module")
 def ds_s3_endpoint(tmp_path_factory):
     """moto's S3 server on 127.0.0.1 for this module (a few seconds to start)."""
+    repository_root = str(Path(__file__).resolve().parents[2])
+    if repository_root not in sys.path:  # infra/ is not an installed package
+        sys.path.insert(0, repository_root)
     from infra.local_stack import start_s3_endpoint, stop_s3_endpoint
 
     endpoint = start_s3_endpoint(log_dir=tmp_path_factory.mktemp("ds-moto"))
