@@ -39,7 +39,7 @@ def s3_endpoint(tmp_path_factory) -> S3Endpoint:
 def ray_head() -> RayHead:
     head = start_ray_head(num_cpus=2, auth="token")
     yield head
-    stop_ray_head(head)
+    stop_ray_head(head, grace_s=5.0)
     shutil.rmtree(head.temp_dir, ignore_errors=True)
 
 
@@ -175,6 +175,30 @@ def make_bad_files() -> dict:
     }
 
 
+def sharpen_random_checkpoint(source: Path, target: Path) -> Path:
+    """A copy of a random-weight checkpoint whose outputs give every task something to label.
+
+    Random weights leave all queries' masks nearly alike (mask logits ~0.05 apart) and the no-object
+    class winning most queries, so panoptic post-processing keeps nothing. Suppressing the no-object
+    logit, sharpening the class head and scaling the mask embeddings makes the queries disagree.
+    """
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, target)
+    weights = load_file(target / "model.safetensors")
+    weights["class_predictor.bias"][-1] -= 3.0
+    weights["class_predictor.weight"] *= 8.0
+    for name in ("weight", "bias"):
+        weights[f"model.transformer_module.decoder.mask_predictor.mask_embedder.2.0.{name}"] *= 20.0
+    save_file(weights, target / "model.safetensors", metadata={"format": "pt"})
+    return target
+
+
+@pytest.fixture(scope="session")
+def labeling_checkpoint(tiny_checkpoint, tmp_path_factory) -> Path:
+    return sharpen_random_checkpoint(Path(tiny_checkpoint), tmp_path_factory.mktemp("labeling-model") / "tiny")
+
+
 @pytest.fixture(scope="session")
 def encoded_test_image():
     """(height, width, seed, name) -> the encoded bytes of a synthetic image (JPEG or PNG by name)."""
@@ -182,7 +206,7 @@ def encoded_test_image():
 
 
 @pytest.fixture(scope="session")
-def labeling_inputs(s3_endpoint, tiny_checkpoint) -> LabelingInputs:
+def labeling_inputs(s3_endpoint, labeling_checkpoint) -> LabelingInputs:
     import s3fs
 
     filesystem = s3fs.S3FileSystem(skip_instance_cache=True, **s3_endpoint.storage_options())
@@ -201,7 +225,7 @@ def labeling_inputs(s3_endpoint, tiny_checkpoint) -> LabelingInputs:
         bad[uri], image_bytes[uri] = problem, data
     not_inputs = [f"s3://{bucket}/images/README.txt"]
     filesystem.pipe(not_inputs[0], b"labels for these images are written by the e2e test\n")
-    filesystem.put(str(tiny_checkpoint) + "/", f"{bucket}/models/tiny/", recursive=True)
+    filesystem.put(str(labeling_checkpoint) + "/", f"{bucket}/models/tiny/", recursive=True)
     return LabelingInputs(bucket=bucket, images_uri=f"s3://{bucket}/images/", model_uri=f"s3://{bucket}/models/tiny",
-                          model_dir=Path(tiny_checkpoint), good=good, bad=bad, not_inputs=not_inputs,
+                          model_dir=Path(labeling_checkpoint), good=good, bad=bad, not_inputs=not_inputs,
                           image_bytes=image_bytes)
