@@ -1,0 +1,284 @@
+"""Labeling pipeline throughput against the bare model loop, on the same images and model, in one run.
+
+    python benchmarks/pipeline_throughput.py                       # 96 generated images, the default model
+    python benchmarks/pipeline_throughput.py --model DIR --images 200 --batch-size 8
+
+1. Bare model loop (in this process): every image decoded and preprocessed up front, untimed; then the
+   timed part is forward passes only, over same-shape groups in batches of --batch-size, with torch
+   using the same thread count the pipeline gives its model actor. One warm-up batch is not timed.
+2. The pipeline (`pipeline.run_segmentation`, embedded Ray started before the clock starts): listing,
+   read, decode+preprocess, model, post-processing to RLE, Parquet writes and the report, end to end.
+   Actor start-up (each worker imports torch and loads the model) is inside this time, as a user sees it.
+
+Prints images/s of both and their ratio (the issue's target: pipeline >= 0.85 x model-only), and the peak
+resident memory (VmHWM) of every Ray process kind: each actor class, read-task workers, the driver.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import resource
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+DEFAULT_MODEL = REPO_ROOT / "models" / "m2f-shapes-tiny"
+# Process titles Ray gives its workers ("ray::MapWorker(MapBatches(InferenceStage))") -> the kind we report.
+PROCESS_KINDS = {"PreprocessStage": "preprocess actor", "InferenceStage": "model actor",
+                 "PostprocessStage": "postprocess actor", "read_objects": "read task worker",
+                 "ProgressTracker": "progress tracker actor"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, default=None,
+                        help=f"checkpoint directory (default: {DEFAULT_MODEL.relative_to(REPO_ROOT)} when present, "
+                             "else a random-weight model of --random-model's shape)")
+    parser.add_argument("--random-model", choices=["small", "tiny"], default="small",
+                        help="shape of the random model used when there is no checkpoint")
+    parser.add_argument("--images", type=int, default=96, help="number of generated images")
+    parser.add_argument("--image-size", default="480x640", help="HEIGHTxWIDTH of the generated images")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--tasks", default="panoptic,instance,semantic")
+    parser.add_argument("--work-dir", type=Path, default=None, help="where images and tables go (default: temp)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    return parser.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs
+
+
+def write_images(directory: Path, count: int, height: int, width: int) -> list[Path]:
+    """Synthetic JPEGs: flat shapes on a noisy background, the same every run."""
+    from PIL import Image, ImageDraw
+
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index in range(count):
+        rng = np.random.default_rng(index)
+        pixels = rng.integers(60, 120, size=(height, width, 3), dtype=np.uint8)
+        image = Image.fromarray(pixels)
+        draw = ImageDraw.Draw(image)
+        for _ in range(4):
+            x, y = int(rng.integers(0, width - 40)), int(rng.integers(0, height - 40))
+            size = int(rng.integers(20, min(height, width) // 2))
+            color = tuple(int(c) for c in rng.integers(0, 256, size=3))
+            (draw.ellipse if rng.random() < 0.5 else draw.rectangle)([x, y, x + size, y + size], fill=color)
+        path = directory / f"image_{index:05d}.jpg"
+        image.save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def random_checkpoint(directory: Path, shape: str) -> Path:
+    """A random-weight checkpoint: 'small' is a Swin with a realistic cost per image, 'tiny' the test model."""
+    import torch
+
+    from m2f_model import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor
+
+    labels = {0: "circle", 1: "square", 2: "triangle", 3: "sky", 4: "ground"}
+    if shape == "tiny":
+        backbone = {"model_type": "swin", "image_size": 64, "patch_size": 4, "embed_dim": 16, "depths": [1, 1, 2, 1],
+                    "num_heads": [1, 2, 2, 4], "window_size": 4, "out_features": ["stage1", "stage2", "stage3", "stage4"]}
+        dims, image_side = {"feature_size": 32, "mask_feature_size": 32, "hidden_dim": 32,
+                            "encoder_feedforward_dim": 64, "dim_feedforward": 64, "encoder_layers": 2,
+                            "decoder_layers": 3, "num_attention_heads": 2, "num_queries": 8}, 64
+    else:
+        backbone = {"model_type": "swin", "image_size": 384, "patch_size": 4, "embed_dim": 48, "depths": [2, 2, 4, 2],
+                    "num_heads": [2, 4, 8, 16], "window_size": 12,
+                    "out_features": ["stage1", "stage2", "stage3", "stage4"]}
+        dims, image_side = {"feature_size": 128, "mask_feature_size": 128, "hidden_dim": 128,
+                            "encoder_feedforward_dim": 512, "dim_feedforward": 512, "encoder_layers": 3,
+                            "decoder_layers": 4, "num_attention_heads": 4, "num_queries": 50}, 384
+    torch.manual_seed(0)
+    config = Mask2FormerConfig(backbone_config=backbone, num_labels=len(labels), id2label=labels,
+                               label2id={v: k for k, v in labels.items()}, **dims)
+    Mask2FormerForUniversalSegmentation(config).eval().save_pretrained(directory)
+    Mask2FormerImageProcessor(size={"height": image_side, "width": image_side}, num_labels=len(labels),
+                              ignore_index=255).save_pretrained(directory)
+    return directory
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. The bare model loop
+
+
+def bare_model_loop(model_dir: Path, image_paths: list[Path], *, batch_size: int, threads: int) -> dict:
+    import torch
+    from PIL import Image
+
+    from m2f_model import Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor
+
+    torch.set_num_threads(threads)
+    processor = Mask2FormerImageProcessor.from_pretrained(str(model_dir))
+    model = Mask2FormerForUniversalSegmentation.from_pretrained(str(model_dir)).eval()
+    groups: dict[tuple, list[torch.Tensor]] = defaultdict(list)
+    for path in image_paths:  # untimed: decode + preprocess, one image at a time as the pipeline does
+        image = Image.open(io.BytesIO(path.read_bytes())).convert("RGB")
+        pixel_values = processor(images=[image], return_tensors="pt")["pixel_values"][0]  # (3, H', W')
+        groups[tuple(pixel_values.shape)].append(pixel_values)
+    batches = [torch.stack(group[start:start + batch_size])
+               for group in groups.values() for start in range(0, len(group), batch_size)]
+    with torch.inference_mode():
+        model(pixel_values=batches[0])  # warm-up, untimed
+        started = time.perf_counter()
+        for batch in batches:
+            model(pixel_values=batch)
+        elapsed = time.perf_counter() - started
+    return {"images": len(image_paths), "seconds": elapsed, "images_per_s": len(image_paths) / elapsed,
+            "threads": threads, "batches": len(batches), "pixel_shapes": sorted(str(s) for s in groups)}
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. The pipeline, with a memory sampler over this Ray cluster's processes
+
+
+def _descendants(root: int) -> set[int]:
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    tree, frontier = set(), [root]
+    while frontier:
+        parent = frontier.pop()
+        children = [pid for pid, ppid in parents.items() if ppid == parent and pid not in tree]
+        tree.update(children)
+        frontier.extend(children)
+    return tree
+
+
+def _peak_rss_mib(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def _process_kind(pid: int) -> str | None:
+    try:
+        title = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\x00", b" ").decode(errors="replace")
+    except OSError:
+        return None
+    if not title.startswith("ray::"):
+        return None
+    return next((kind for marker, kind in PROCESS_KINDS.items() if marker in title), None)
+
+
+class PeakMemorySampler(threading.Thread):
+    """Polls the peak RSS of every Ray worker under this process, keeping the largest per process kind."""
+
+    def __init__(self, interval_s: float = 0.5) -> None:
+        super().__init__(daemon=True)
+        self.interval_s = interval_s
+        self.peaks_mib: dict[str, float] = {}
+        self.processes: dict[str, set[int]] = defaultdict(set)
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            self.sample()
+            self._stop_event.wait(self.interval_s)
+
+    def sample(self) -> None:
+        for pid in _descendants(os.getpid()):
+            kind = _process_kind(pid)
+            peak = _peak_rss_mib(pid) if kind else None
+            if kind and peak is not None:
+                self.processes[kind].add(pid)
+                self.peaks_mib[kind] = max(self.peaks_mib.get(kind, 0.0), peak)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join()
+        self.sample()
+
+
+def pipeline_run(model_dir: Path, input_dir: Path, output_dir: Path, *, batch_size: int, tasks: str) -> dict:
+    import ray
+
+    from pipeline import SegmentationOptions, run_segmentation
+
+    # Workers import pipeline/ and m2f_model/ from this checkout, as the job's embedded Ray does.
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
+    ray_started = time.perf_counter()
+    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, logging_level="WARNING")
+    ray_start_s = time.perf_counter() - ray_started
+    sampler = PeakMemorySampler()
+    sampler.start()
+    try:
+        started = time.perf_counter()
+        report = run_segmentation(SegmentationOptions(input=str(input_dir), output=str(output_dir),
+                                                      model=str(model_dir), tasks=tasks, batch_size=batch_size,
+                                                      show_progress=False))
+        elapsed = time.perf_counter() - started
+    finally:
+        sampler.stop()
+        ray.shutdown()
+    return {"images": report["processed"], "ok": report["ok"], "seconds": elapsed,
+            "images_per_s": report["processed"] / elapsed, "ray_start_s": ray_start_s, "pools": report["pools"],
+            "segments": report["segments"], "peak_rss_mib": {k: round(v, 1) for k, v in sampler.peaks_mib.items()},
+            "process_counts": {k: len(v) for k, v in sampler.processes.items()}}
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    height, width = (int(v) for v in args.image_size.lower().split("x"))
+    work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="m2f-throughput-"))
+    model_dir = args.model or (DEFAULT_MODEL if (DEFAULT_MODEL / "config.json").exists() else None)
+    if model_dir is None:
+        model_dir = random_checkpoint(work_dir / f"random-{args.random_model}", args.random_model)
+    image_paths = write_images(work_dir / "images", args.images, height, width)
+    threads = os.cpu_count() or 1  # what the pool plan gives the single CPU model actor on one node
+
+    print(f"model {model_dir}; {args.images} images {height}x{width}; batch size {args.batch_size}; "
+          f"torch threads {threads}", flush=True)
+    bare = bare_model_loop(model_dir, image_paths, batch_size=args.batch_size, threads=threads)
+    print(f"bare model loop: {bare['images_per_s']:.3f} images/s ({bare['seconds']:.1f} s)", flush=True)
+    bare["process_peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+    piped = pipeline_run(model_dir, work_dir / "images", work_dir / "tables", batch_size=args.batch_size,
+                         tasks=args.tasks)
+    planned_threads = (piped["pools"] or {}).get("model_torch_threads")
+    ratio = piped["images_per_s"] / bare["images_per_s"]
+    results = {"model": str(model_dir), "images": args.images, "image_size": [height, width],
+               "batch_size": args.batch_size, "bare_model_loop": bare, "pipeline": piped,
+               "ratio_pipeline_to_model": round(ratio, 4), "target_ratio": 0.85,
+               "driver_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+
+    print(f"pipeline:        {piped['images_per_s']:.3f} images/s ({piped['seconds']:.1f} s end to end; "
+          f"Ray start {piped['ray_start_s']:.1f} s not counted)")
+    print(f"ratio pipeline / model-only: {ratio:.3f} (target >= 0.85)")
+    if planned_threads is not None and planned_threads != threads:
+        print(f"note: the pipeline's model actor used {planned_threads} torch threads, the bare loop {threads}")
+    print("peak RSS by process kind (MiB): " + ", ".join(
+        f"{kind} {peak:.0f} (x{piped['process_counts'].get(kind, 0)})" for kind, peak in
+        sorted(piped["peak_rss_mib"].items())))
+    print(f"driver process peak RSS (bare loop + driver): {results['driver_peak_rss_mib']:.0f} MiB")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    print(json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
