@@ -8,6 +8,7 @@ preprocessor_config.json) plus history.json (per-step metrics) and loss_curve.pn
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -35,6 +36,12 @@ def storage_for_ray(storage_path: str, storage_options: dict | None = None) -> t
     return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(filesystem))
 
 
+def _absolute_if_local(path_or_uri: str) -> str:
+    if "://" in path_or_uri and not path_or_uri.startswith("file://"):
+        return path_or_uri
+    return os.path.abspath(path_or_uri.removeprefix("file://"))
+
+
 def run_finetune(config: FinetuneConfig, *, num_workers: int = 2, use_gpu: bool = False,
                  cpus_per_worker: float = 1.0, storage_path: str = "runs", name: str = "m2f-finetune",
                  max_failures: int = 2, keep_checkpoints: int = 2, output_model: str | None = None) -> Any:
@@ -46,6 +53,9 @@ def run_finetune(config: FinetuneConfig, *, num_workers: int = 2, use_gpu: bool 
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    # Ray Train workers run in their own working directory: local paths must be absolute.
+    config = dataclasses.replace(config, data=_absolute_if_local(config.data),
+                                 init_from=_absolute_if_local(config.init_from) if config.init_from else None)
     path, filesystem = storage_for_ray(storage_path, config.storage_options)
     resources = {"CPU": cpus_per_worker}
     if use_gpu:
