@@ -32,7 +32,7 @@ def train_ray():
     ray.shutdown()
 
 
-def _tiny_config(data: Path, **overrides) -> FinetuneConfig:
+def _tiny_config(data: Path | str, **overrides) -> FinetuneConfig:
     model_config = {k: v for k, v in TINY_CONFIG_KWARGS.items() if k != "num_labels"}
     values = dict(data=str(data), model_config=model_config, image_size=64, batch_size=2, max_steps=8,
                   learning_rate=1e-3, backbone_lr_multiplier=1.0, warmup_steps=1, poly_power=0.0,
@@ -118,16 +118,41 @@ def test_two_ray_workers_lower_the_loss_and_export_a_loadable_model(tmp_path, tr
     assert torch.equal(a.masks_queries_logits, b.masks_queries_logits)
 
 
-def test_a_killed_worker_resumes_from_the_last_checkpoint_with_its_step_and_optimizer(
-        tmp_path, train_ray, train_tiny_shapes):
+@pytest.fixture(scope="module")
+def train_s3_endpoint(tmp_path_factory):
+    """moto's S3 server on 127.0.0.1 for this module."""
+    import sys
+
+    repository_root = str(Path(__file__).resolve().parents[2])
+    if repository_root not in sys.path:  # infra/ is not an installed package
+        sys.path.insert(0, repository_root)
+    from infra.local_stack import start_s3_endpoint, stop_s3_endpoint
+
+    endpoint = start_s3_endpoint(log_dir=tmp_path_factory.mktemp("train-moto"))
+    yield endpoint
+    stop_s3_endpoint(endpoint)
+
+
+@pytest.mark.slow
+def test_a_killed_worker_resumes_from_the_last_s3_checkpoint_with_its_step_and_optimizer(
+        tmp_path, train_ray, train_tiny_shapes, train_s3_endpoint):
+    import s3fs
+
     from training.finetune import run_finetune
 
+    storage_options = train_s3_endpoint.storage_options()
+    filesystem = s3fs.S3FileSystem(skip_instance_cache=True, **storage_options)
+    filesystem.mkdir("train-resume")
+    filesystem.put(f"{train_tiny_shapes}/", "train-resume/shapes", recursive=True)
+
     marker = tmp_path / "killed.txt"
-    config = _tiny_config(train_tiny_shapes, max_steps=5, checkpoint_every=2,
-                          extra={"fail_at_step": 3, "fail_marker": str(marker)})
-    result = run_finetune(config, num_workers=2, storage_path=str(tmp_path / "runs"), name="resume",
-                          max_failures=1)
+    config = _tiny_config("s3://train-resume/shapes", max_steps=5, checkpoint_every=2,
+                          storage_options=storage_options, extra={"fail_at_step": 3, "fail_marker": str(marker)})
+    result = run_finetune(config, num_workers=2, storage_path="s3://train-resume/runs", name="resume",
+                          max_failures=1, output_model=str(tmp_path / "model"))
     assert marker.read_text() == "killed at step 3"
+    assert sorted(path.rsplit("/", 1)[-1] for path in filesystem.ls("train-resume/runs/resume")
+                  if "/checkpoint_0" in path) == ["checkpoint_0000004", "checkpoint_0000005"]
     with result.checkpoint.as_directory() as directory:
         state = torch.load(Path(directory) / "training_state.pt", map_location="cpu", weights_only=False)
         history = json.loads((Path(directory) / "history.json").read_text())
@@ -137,3 +162,4 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint_with_its_step_and_opti
     # AdamW counted 5 updates: its state came back from the checkpoint instead of starting over.
     assert all(float(s["step"]) == 5 for s in state["optimizer"]["state"].values())
     assert state["scheduler"]["last_epoch"] == 5
+    assert (tmp_path / "model" / "model.safetensors").is_file()
