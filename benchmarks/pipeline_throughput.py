@@ -9,6 +9,8 @@
 2. The pipeline (`pipeline.run_segmentation`, embedded Ray started before the clock starts): listing,
    read, decode+preprocess, model, post-processing to RLE, Parquet writes and the report, end to end.
    Actor start-up (each worker imports torch and loads the model) is inside this time, as a user sees it.
+   A short run on a quarter of the images goes first; the difference of the two runs gives the marginal
+   rate, the pipeline's speed once its fixed start-up costs are paid.
 
 Prints images/s of both and their ratio (the issue's target: pipeline >= 0.85 x model-only), and the peak
 resident memory (VmHWM) of every Ray process kind: each actor class, read-task workers, the driver.
@@ -210,7 +212,13 @@ class PeakMemorySampler(threading.Thread):
         self.sample()
 
 
-def pipeline_run(model_dir: Path, input_dir: Path, output_dir: Path, *, batch_size: int, tasks: str) -> dict:
+def pipeline_runs(model_dir: Path, input_dir: Path, output_dir: Path, *, images: int, batch_size: int,
+                  tasks: str) -> dict:
+    """Two runs on one embedded Ray: a short one (a quarter of the images), then all images.
+
+    The full run's time gives the end-to-end images/s; the difference between the runs gives the marginal
+    images/s, i.e. the pipeline's rate once its fixed costs (actor start-up, model loads, report) are paid.
+    """
     import ray
 
     from pipeline import SegmentationOptions, run_segmentation
@@ -222,18 +230,26 @@ def pipeline_run(model_dir: Path, input_dir: Path, output_dir: Path, *, batch_si
     ray_start_s = time.perf_counter() - ray_started
     sampler = PeakMemorySampler()
     sampler.start()
+    runs = {}
     try:
-        started = time.perf_counter()
-        report = run_segmentation(SegmentationOptions(input=str(input_dir), output=str(output_dir),
-                                                      model=str(model_dir), tasks=tasks, batch_size=batch_size,
-                                                      show_progress=False))
-        elapsed = time.perf_counter() - started
+        for name, limit in (("short", max(2 * batch_size, images // 4)), ("full", None)):
+            started = time.perf_counter()
+            report = run_segmentation(SegmentationOptions(
+                input=str(input_dir), output=str(output_dir / name), model=str(model_dir), tasks=tasks,
+                batch_size=batch_size, limit=limit, show_progress=False))
+            runs[name] = {"images": report["processed"], "ok": report["ok"], "seconds": time.perf_counter() - started,
+                          "segments": report["segments"], "pools": report["pools"]}
     finally:
         sampler.stop()
         ray.shutdown()
-    return {"images": report["processed"], "ok": report["ok"], "seconds": elapsed,
-            "images_per_s": report["processed"] / elapsed, "ray_start_s": ray_start_s, "pools": report["pools"],
-            "segments": report["segments"], "peak_rss_mib": {k: round(v, 1) for k, v in sampler.peaks_mib.items()},
+    full, short = runs["full"], runs["short"]
+    extra_images, extra_seconds = full["images"] - short["images"], full["seconds"] - short["seconds"]
+    return {"images": full["images"], "ok": full["ok"], "seconds": full["seconds"],
+            "images_per_s": full["images"] / full["seconds"],
+            # None when the runs are too alike in size, or too noisy, to say anything
+            "marginal_images_per_s": extra_images / extra_seconds if extra_images > 0 and extra_seconds > 0 else None,
+            "short_run": short, "ray_start_s": ray_start_s, "pools": full["pools"], "segments": full["segments"],
+            "peak_rss_mib": {k: round(v, 1) for k, v in sampler.peaks_mib.items()},
             "process_counts": {k: len(v) for k, v in sampler.processes.items()}}
 
 
@@ -256,18 +272,25 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bare model loop: {bare['images_per_s']:.3f} images/s ({bare['seconds']:.1f} s)", flush=True)
     bare["process_peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
-    piped = pipeline_run(model_dir, work_dir / "images", work_dir / "tables", batch_size=args.batch_size,
-                         tasks=args.tasks)
+    piped = pipeline_runs(model_dir, work_dir / "images", work_dir / "tables", images=args.images,
+                          batch_size=args.batch_size, tasks=args.tasks)
     planned_threads = (piped["pools"] or {}).get("model_torch_threads")
     ratio = piped["images_per_s"] / bare["images_per_s"]
     results = {"model": str(model_dir), "images": args.images, "image_size": [height, width],
                "batch_size": args.batch_size, "bare_model_loop": bare, "pipeline": piped,
                "ratio_pipeline_to_model": round(ratio, 4), "target_ratio": 0.85,
+               "marginal_ratio_pipeline_to_model": (round(piped["marginal_images_per_s"] / bare["images_per_s"], 4)
+                                                    if piped["marginal_images_per_s"] else None),
                "driver_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
     print(f"pipeline:        {piped['images_per_s']:.3f} images/s ({piped['seconds']:.1f} s end to end; "
           f"Ray start {piped['ray_start_s']:.1f} s not counted)")
     print(f"ratio pipeline / model-only: {ratio:.3f} (target >= 0.85)")
+    if piped["marginal_images_per_s"]:
+        print(f"marginal pipeline rate (full run minus a {piped['short_run']['images']}-image run): "
+              f"{piped['marginal_images_per_s']:.3f} images/s, ratio {results['marginal_ratio_pipeline_to_model']:.3f}")
+    else:
+        print("marginal pipeline rate: not measurable (use more --images, or the machine is too noisy)")
     if planned_threads is not None and planned_threads != threads:
         print(f"note: the pipeline's model actor used {planned_threads} torch threads, the bare loop {threads}")
     print("peak RSS by process kind (MiB): " + ", ".join(
