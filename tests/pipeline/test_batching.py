@@ -2,6 +2,7 @@
 single-image inference (the model ignores pixel_mask, so padding a small image into a batch would not)."""
 from __future__ import annotations
 
+import functools
 import shutil
 
 import numpy as np
@@ -34,11 +35,17 @@ def aspect_preserving_checkpoint(tiny_checkpoint, tmp_path_factory):
     return directory
 
 
-def single_image_logits(checkpoint, image: Image.Image) -> tuple[np.ndarray, np.ndarray]:
+@functools.lru_cache(maxsize=4)
+def load_direct_model(checkpoint: str):
+    """The checkpoint's processor and model, loaded once per test module."""
     from m2f_model import Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor
 
-    processor = Mask2FormerImageProcessor.from_pretrained(str(checkpoint))
-    model = Mask2FormerForUniversalSegmentation.from_pretrained(str(checkpoint)).eval()
+    return (Mask2FormerImageProcessor.from_pretrained(checkpoint),
+            Mask2FormerForUniversalSegmentation.from_pretrained(checkpoint).eval())
+
+
+def single_image_logits(checkpoint, image: Image.Image) -> tuple[np.ndarray, np.ndarray]:
+    processor, model = load_direct_model(str(checkpoint))
     with torch.inference_mode():
         outputs = model(pixel_values=processor(images=[image], return_tensors="pt")["pixel_values"])
     return outputs.class_queries_logits[0].numpy(), outputs.masks_queries_logits[0].numpy()
@@ -74,10 +81,7 @@ def test_each_image_in_a_mixed_batch_gets_its_single_image_result(aspect_preserv
 
 def test_padding_into_a_larger_batch_would_change_the_result(aspect_preserving_checkpoint):
     """Why the stages group by shape: the model gives a padded image different logits."""
-    from m2f_model import Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor
-
-    processor = Mask2FormerImageProcessor.from_pretrained(str(aspect_preserving_checkpoint))
-    model = Mask2FormerForUniversalSegmentation.from_pretrained(str(aspect_preserving_checkpoint)).eval()
+    processor, model = load_direct_model(str(aspect_preserving_checkpoint))
     small, large = Image.fromarray(random_rgb(*SIZES[0], seed=0)), Image.fromarray(random_rgb(*SIZES[1], seed=1))
     padded = processor(images=[small, large], return_tensors="pt")["pixel_values"]
     with torch.inference_mode():

@@ -2,6 +2,7 @@
 as error rows, resume after an interrupted run, a stalled stage named, a broken model refused at once."""
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -36,12 +37,18 @@ def options(input_dir, output_dir, model, **overrides) -> SegmentationOptions:
     return SegmentationOptions(**settings)
 
 
-def direct_segments(checkpoint, encoded: bytes) -> dict:
-    """task -> {segment_id: (label_id, score, mask)} from the model and its processor on this one image."""
+@functools.lru_cache(maxsize=4)
+def load_direct_model(checkpoint: str):
+    """The checkpoint's processor and model, loaded once per test module."""
     from m2f_model import Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor
 
-    processor = Mask2FormerImageProcessor.from_pretrained(str(checkpoint))
-    model = Mask2FormerForUniversalSegmentation.from_pretrained(str(checkpoint)).eval()
+    return (Mask2FormerImageProcessor.from_pretrained(checkpoint),
+            Mask2FormerForUniversalSegmentation.from_pretrained(checkpoint).eval())
+
+
+def direct_segments(checkpoint, encoded: bytes) -> dict:
+    """task -> {segment_id: (label_id, score, mask)} from the model and its processor on this one image."""
+    processor, model = load_direct_model(str(checkpoint))
     image = Image.open(io.BytesIO(encoded)).convert("RGB")
     sizes = [(image.height, image.width)]
     with torch.inference_mode():
