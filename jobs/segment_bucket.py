@@ -107,6 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ModelLoadError, PipelineStalledError, OutputNotEmptyError, FileNotFoundError, ValueError) as error:
         print(f"segment_bucket: error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("segment_bucket: interrupted; committed batches are kept, re-run with --resume to finish",
+              file=sys.stderr)
+        return 130
     print_summary(report)
     return 0
 
