@@ -49,6 +49,7 @@ __all__ = [
     "start_s3_endpoint",
     "stop_s3_endpoint",
     "listening_ports",
+    "is_running",
     "main",
 ]
 
@@ -102,6 +103,19 @@ class RayHead:
         if not self.token_path:
             return {}
         return {"Authorization": "Bearer " + Path(self.token_path).read_text().strip()}
+
+    def job_api_answers(self) -> bool:
+        """True when the dashboard's job API answers (what `ray job submit` talks to)."""
+        request = urllib.request.Request(self.dashboard_url + "/api/jobs/", headers=self.auth_headers())
+        try:
+            with urllib.request.urlopen(request, timeout=2) as response:
+                return response.status == 200
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            return False
+
+    def process_ids(self) -> set[int]:
+        """This head's processes: the `ray start --block` tree, and any daemon naming its temp dir."""
+        return _process_tree(self.pid) | _processes_mentioning(self.temp_dir)
 
 
 def start_ray_head(
@@ -190,7 +204,7 @@ def start_ray_head(
         ports=ports,
     )
     try:
-        _wait_until(lambda: _job_api_answers(head), process, timeout_s,
+        _wait_until(head.job_api_answers, process, timeout_s,
                     f"Ray head on {head.gcs_address} (log: {log_path})")
     except BaseException:
         stop_ray_head(head)
@@ -198,21 +212,12 @@ def start_ray_head(
     return head
 
 
-def _job_api_answers(head: RayHead) -> bool:
-    request = urllib.request.Request(head.dashboard_url + "/api/jobs/", headers=head.auth_headers())
-    try:
-        with urllib.request.urlopen(request, timeout=2) as response:
-            return response.status == 200
-    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-        return False
-
-
 def stop_ray_head(head: RayHead, *, grace_s: float = 15.0) -> None:
     """Stops this head and every process it started; leaves other Ray clusters alone."""
-    owned = _process_tree(head.pid) | _processes_mentioning(head.temp_dir)
+    owned = head.process_ids()
     _signal_all({head.pid}, signal.SIGTERM)
     _wait_for_exit({head.pid}, grace_s)
-    owned |= _process_tree(head.pid) | _processes_mentioning(head.temp_dir)
+    owned |= head.process_ids()
     _signal_all(owned, signal.SIGTERM)
     _wait_for_exit(owned, grace_s / 3)
     _signal_all(owned, signal.SIGKILL)
@@ -351,7 +356,8 @@ def _processes_mentioning(text: str) -> set[int]:
     return found | trees
 
 
-def _is_running(pid: int) -> bool:
+def is_running(pid: int) -> bool:
+    """True for a live process (a zombie counts as ended)."""
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
@@ -361,7 +367,7 @@ def _is_running(pid: int) -> bool:
 
 def _signal_all(pids: set[int], signum: int) -> None:
     for pid in pids:
-        if _is_running(pid):
+        if is_running(pid):
             try:
                 os.kill(pid, signum)
             except ProcessLookupError:
@@ -370,7 +376,7 @@ def _signal_all(pids: set[int], signum: int) -> None:
 
 def _wait_for_exit(pids: set[int], timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and any(_is_running(pid) for pid in pids):
+    while time.monotonic() < deadline and any(is_running(pid) for pid in pids):
         time.sleep(0.2)
 
 
@@ -395,10 +401,6 @@ def listening_ports(pids: set[int]) -> list[tuple[str, int, int]]:
             if pid in pids:
                 listeners.append((address.strip("[]"), int(port), pid))
     return listeners
-
-
-def _head_processes(head: RayHead) -> set[int]:
-    return _process_tree(head.pid) | _processes_mentioning(head.temp_dir)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -445,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         args.state_dir.mkdir(parents=True, exist_ok=True)
         state_file.write_text(json.dumps({"ray_head": asdict(head), "s3": asdict(s3)}, indent=2))
-        outside = [(a, p, pid) for a, p, pid in listening_ports(_head_processes(head) | {s3.pid})
+        outside = [(a, p, pid) for a, p, pid in listening_ports(head.process_ids() | {s3.pid})
                    if a not in (LOOPBACK, "::ffff:127.0.0.1")]
         _print_exports(head, s3)
         if outside:
@@ -460,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     head, s3 = RayHead(**state["ray_head"]), S3Endpoint(**state["s3"])
     if args.action == "status":
         _print_exports(head, s3)
-        for address, port, pid in sorted(listening_ports(_head_processes(head) | {s3.pid})):
+        for address, port, pid in sorted(listening_ports(head.process_ids() | {s3.pid})):
             print(f"# listening {address}:{port} pid {pid}")
         return 0
     stop_ray_head(head)

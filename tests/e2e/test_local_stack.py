@@ -1,5 +1,5 @@
 """The local stack itself: loopback-only listeners, S3 round trips, `ray job submit` reaching the venv
-and S3 from workers, and stopping one Ray head without touching another."""
+and S3 from workers, and the CLI's up/down stopping its own stack without touching another."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from infra.local_stack import LOOPBACK, _head_processes, _is_running, _job_api_answers, listening_ports
+from infra.local_stack import LOOPBACK, is_running, listening_ports
 
 pytestmark = pytest.mark.slow
 
@@ -19,7 +19,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_ray_head_and_s3_endpoint_listen_on_loopback_only(ray_head, s3_endpoint):
-    listeners = listening_ports(_head_processes(ray_head) | {s3_endpoint.pid})
+    listeners = listening_ports(ray_head.process_ids() | {s3_endpoint.pid})
     ports = {port for _, port, _ in listeners}
     assert ray_head.ports["gcs"] in ports and ray_head.ports["dashboard"] in ports
     assert int(s3_endpoint.endpoint_url.rsplit(":", 1)[1]) in ports
@@ -86,4 +86,4 @@ def test_local_stack_cli_up_serves_on_loopback_and_down_stops_only_its_own_stack
     ports = [address.rsplit(":", 1)[1] for address in listening]
     still = subprocess.run(["ss", "-ltnH"], capture_output=True, text=True).stdout
     assert not [port for port in ports if f":{port} " in still], "ports still listening after down"
-    assert _is_running(ray_head.pid) and _job_api_answers(ray_head), "down stopped another cluster too"
+    assert is_running(ray_head.pid) and ray_head.job_api_answers(), "down stopped another cluster too"
