@@ -77,7 +77,9 @@ def submit_ray_job(ray_head):
     def submit(entrypoint: list[str], *, working_dir: Path = REPO_ROOT, env_vars: dict | None = None,
                timeout_s: float = 180.0, submission_id: str | None = None) -> SubmittedJob:
         submission_id = submission_id or f"m2f-e2e-{uuid.uuid4().hex[:10]}"
-        runtime_env = {"env_vars": dict(env_vars or {}), "excludes": [".git", ".venv", "**/__pycache__"]}
+        # models/ stays behind: these jobs name their model, and the shipped one would be uploaded every time.
+        runtime_env = {"env_vars": dict(env_vars or {}),
+                       "excludes": [".git", ".venv", "**/__pycache__", "models/", "out/", "runs/"]}
         command = [str(RAY_CLI), "job", "submit", "--submission-id", submission_id,
                    "--working-dir", str(working_dir), "--runtime-env-json", json.dumps(runtime_env),
                    "--", *entrypoint]
