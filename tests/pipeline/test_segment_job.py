@@ -237,3 +237,47 @@ def test_a_model_that_cannot_load_fails_at_once_with_the_reason(tmp_path, tiny_c
         run_segmentation(options(folder, tmp_path / "out", broken))
     assert time.monotonic() - started < 30
     assert not (tmp_path / "out" / "images").exists()
+
+
+def test_job_killed_part_way_then_resumed_has_every_image_exactly_once(
+        ray_session, tmp_path, tiny_checkpoint_seed1):
+    """SIGKILL the whole CLI process group (driver, embedded Ray, actors) once a batch has committed."""
+    import signal
+    import subprocess
+    import sys
+
+    from pipeline.segment_job import REPO_ROOT
+
+    folder = tmp_path / "inputs"
+    names = [f"img_{i:02d}.png" for i in range(12)]
+    for index, name in enumerate(names):
+        write_image(folder / name, 32 + 2 * index, 40, seed=index)
+    output = tmp_path / "out"
+    command = [sys.executable, str(REPO_ROOT / "jobs" / "segment_bucket.py"), "--input", str(folder),
+               "--output", str(output), "--model", str(tiny_checkpoint_seed1), "--batch-size", "1",
+               "--images-per-file", "1", "--no-progress", "--threshold", str(LOW["threshold"]),
+               "--mask-threshold", str(LOW["mask_threshold"]), "--overlap-threshold", str(LOW["overlap_threshold"])]
+    job = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and job.poll() is None:
+            if list((output / "images").glob("*.parquet")) if (output / "images").exists() else []:
+                break
+            time.sleep(0.1)
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
+    committed_before = {p.stem for p in (output / "images").glob("*.parquet")}
+    assert 1 <= len(committed_before) < len(names), "the kill must land part way"
+
+    report = run_segmentation(options(folder, output, tiny_checkpoint_seed1, resume=True))
+    assert report["skipped_already_ok"] == len(committed_before)
+    assert report["processed"] == len(names) - len(committed_before)
+    images = pq.read_table(output / "images")
+    assert sorted(images["image_id"].to_pylist()) == names and set(images["status"].to_pylist()) == {"ok"}
+    segments = pq.read_table(output / "segments").to_pylist()
+    keys = [(r["image_uri"], r["task"], r["segment_id"]) for r in segments]
+    assert len(keys) == len(set(keys))
+    for row in images.to_pylist():
+        assert row["semantic_segments"] == sum(1 for k in keys if k[0] == row["image_uri"] and k[1] == "semantic")
+    assert {p.stem for p in (output / "segments").iterdir()} == {p.stem for p in (output / "images").iterdir()}
