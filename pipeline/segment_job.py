@@ -119,6 +119,8 @@ def run_segmentation(options: SegmentationOptions | dict) -> dict:
     _prepare_output(options, storage)
 
     listed = list_inputs(options.input, storage, extensions=options.extensions, limit=options.limit)
+    if listed.num_rows == 0:
+        logger.warning("no images under %s (extensions: %s)", options.input, ", ".join(options.extensions))
     previous = compact(options.output, storage) if options.resume else None
     done = done_image_uris(previous.images) if previous is not None else set()
     pending = listed.filter(pc.invert(pc.is_in(listed["image_uri"], pa.array(sorted(done), pa.string())))) \
