@@ -188,12 +188,14 @@ class Mask2FormerModel(Mask2FormerPreTrainedModel):
         )
         return output if return_dict else output.to_tuple()
 
-    def _forward_for_head(self, pixel_values: torch.Tensor, output_hidden_states: bool, output_attentions: bool
+    def _forward_for_head(self, pixel_values: torch.Tensor, output_hidden_states: bool, output_attentions: bool,
+                          all_mask_predictions: bool
                           ) -> tuple[Mask2FormerPixelLevelModuleOutput, Mask2FormerMaskedAttentionDecoderOutput]:
         pixel_level = self.pixel_level_module(pixel_values, output_hidden_states=output_hidden_states)
         decoded = self.transformer_module(pixel_level.decoder_hidden_states, pixel_level.decoder_last_hidden_state,
                                           output_hidden_states=output_hidden_states,
-                                          output_attentions=output_attentions)
+                                          output_attentions=output_attentions,
+                                          all_mask_predictions=all_mask_predictions)
         return pixel_level, decoded
 
 
@@ -250,15 +252,19 @@ class Mask2FormerForUniversalSegmentation(Mask2FormerPreTrainedModel):
         output_auxiliary_logits = (config.output_auxiliary_logits if output_auxiliary_logits is None
                                    else output_auxiliary_logits)
 
+        computes_loss = mask_labels is not None and class_labels is not None
+        # intermediate predictions are only seen through the loss and auxiliary_logits; skip them otherwise
+        needs_intermediate = computes_loss or bool(output_auxiliary_logits) or self.training
         pixel_level, decoded = self.model._forward_for_head(pixel_values, bool(output_hidden_states),
-                                                            bool(output_attentions))
-        class_queries_logits = tuple(self.class_predictor(state) for state in decoded.intermediate_hidden_states)
+                                                            bool(output_attentions), needs_intermediate)
+        states = decoded.intermediate_hidden_states if needs_intermediate else decoded.intermediate_hidden_states[-1:]
+        class_queries_logits = tuple(self.class_predictor(state) for state in states)
         masks_queries_logits = decoded.masks_queries_logits
         auxiliary_logits = [{"masks_queries_logits": masks, "class_queries_logits": classes}
                             for masks, classes in zip(masks_queries_logits[:-1], class_queries_logits[:-1])]
 
         loss = None
-        if mask_labels is not None and class_labels is not None:
+        if computes_loss:
             loss_dict = self.get_loss_dict(masks_queries_logits[-1], class_queries_logits[-1], mask_labels,
                                            class_labels, auxiliary_logits)
             loss = self.get_loss(loss_dict)

@@ -1,6 +1,9 @@
 """Mask2Former pixel decoder: a multi-scale deformable-attention encoder over the 1/32, 1/16, 1/8 backbone maps,
 then an FPN step up to 1/4 resolution and the 1x1 mask projection. Pure PyTorch (`grid_sample`), as transformers.
 
+Speed: the deformable sampling of all levels is one `embedding_bag` (a weighted gather) instead of one
+`grid_sample` per level and a weighted sum over a materialised (B*heads, d, Q, L*P) tensor.
+
 Parity notes: position embeddings are sine embeddings computed without any padding mask (transformers ignores
 `pixel_mask`), the level embedding is added to the position embedding, reference points sit at pixel centres,
 sampling offsets are normalised by each level's (W, H), and the FPN upsampling is bilinear (align_corners=False).
@@ -23,6 +26,7 @@ __all__ = [
     "Mask2FormerPixelDecoderEncoderOnly",
     "Mask2FormerPixelDecoder",
     "multi_scale_deformable_attention",
+    "LevelGeometry",
 ]
 
 NUM_FEATURE_LEVELS = 3
@@ -72,30 +76,74 @@ class Mask2FormerSinePositionEmbedding(nn.Module):
         return self.embedding(height, width, device, dtype).unsqueeze(0).expand(batch, -1, -1, -1)
 
 
-def multi_scale_deformable_attention(value: torch.Tensor, spatial_shapes: list[tuple[int, int]],
-                                     sampling_grids: torch.Tensor, attention_weights: torch.Tensor) -> torch.Tensor:
-    """Bilinear sampling of every level at the given points, weighted and summed.
+class LevelGeometry:
+    """Sampling geometry of one set of level shapes (built once per shapes/device/dtype).
 
-    value: (B, S, heads, d) with S = sum(H_l * W_l); sampling_grids: (B, Q, heads, L, P, 2) in [-1, 1]
-    (grid_sample convention, align_corners=False); attention_weights: (B, Q, heads, L, P).
-    Returns (B, Q, heads * d).
+    widths, heights, starts: (L, 1, 1) float32, broadcasting over points and corners; reference_pixels:
+    (S, 1, L, 1, 2), the reference point of every token (its own pixel centre, normalised to [0, 1] as in
+    transformers) in each level's pixel coordinates, where pixel centres sit at integers.
     """
-    batch, _, heads, head_dim = value.shape
-    _, queries, _, levels, points, _ = sampling_grids.shape
-    # (B, heads, d, S) viewed per level as (B*heads, d, H_l, W_l)
-    value = value.permute(0, 2, 3, 1).reshape(batch * heads, head_dim, -1)
-    grids = sampling_grids.permute(0, 2, 1, 3, 4, 5).reshape(batch * heads, queries, levels, points, 2)
-    weights = attention_weights.permute(0, 2, 1, 3, 4).reshape(batch * heads, 1, queries, levels, points)
-    output = None
-    start = 0
-    for level, (height, width) in enumerate(spatial_shapes):
-        level_value = value[:, :, start:start + height * width].view(batch * heads, head_dim, height, width)
-        start += height * width
-        sampled = F.grid_sample(level_value, grids[:, :, level], mode="bilinear", padding_mode="zeros",
-                                align_corners=False)  # (B*heads, d, Q, P)
-        contribution = (sampled * weights[:, :, :, level]).sum(-1)  # (B*heads, d, Q)
-        output = contribution if output is None else output + contribution
-    return output.view(batch, heads * head_dim, queries).transpose(1, 2)
+
+    def __init__(self, spatial_shapes: list[tuple[int, int]], device: torch.device, dtype: torch.dtype) -> None:
+        def level_column(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.float32, device=device).view(-1, 1, 1)
+
+        self.spatial_shapes = list(spatial_shapes)
+        self.widths = level_column([w for _, w in spatial_shapes])
+        self.heights = level_column([h for h, _ in spatial_shapes])
+        starts = [0]
+        for height, width in spatial_shapes[:-1]:
+            starts.append(starts[-1] + height * width)
+        self.starts = level_column(starts)
+        self.corner_dx = torch.tensor([0.0, 1.0, 0.0, 1.0], device=device)
+        self.corner_dy = torch.tensor([0.0, 0.0, 1.0, 1.0], device=device)
+        references = []
+        for height, width in spatial_shapes:
+            ref_y, ref_x = torch.meshgrid(torch.linspace(0.5, height - 0.5, height, dtype=dtype, device=device),
+                                          torch.linspace(0.5, width - 0.5, width, dtype=dtype, device=device),
+                                          indexing="ij")
+            references.append(torch.stack((ref_x.reshape(-1) / width, ref_y.reshape(-1) / height), -1))
+        reference = torch.cat(references, 0)  # (S, 2)
+        level_sizes = torch.cat((self.widths, self.heights), -1).view(1, -1, 2).to(dtype)  # (1, L, 2)
+        # grid_sample (align_corners=False) reads normalised position u at pixel u * size - 0.5
+        self.reference_pixels = (reference[:, None, :] * level_sizes - 0.5)[:, None, :, None, :]
+
+
+def multi_scale_deformable_attention(value: torch.Tensor, geometry: LevelGeometry, sampling_pixels: torch.Tensor,
+                                     attention_weights: torch.Tensor) -> torch.Tensor:
+    """Bilinear sampling of every level at the given points, weighted by attention and summed.
+
+    Same result as transformers' `grid_sample` formulation (bilinear, zero padding, align_corners=False), computed
+    as ONE weighted gather over all levels: each sample contributes its four neighbouring pixels with weight
+    attention x bilinear weight (zero outside the map), and `embedding_bag` sums them without materialising the
+    sampled values.
+
+    value: (B, S, heads, d), levels concatenated; sampling_pixels: (B, Q, heads, L, P, 2) as (x, y) in pixels of
+    each level; attention_weights: (B, Q, heads, L, P). Returns (B, Q, heads * d).
+    """
+    batch, tokens, heads, head_dim = value.shape
+    queries = sampling_pixels.shape[1]
+    widths, heights = geometry.widths, geometry.heights
+    # indices must be exact: work in float32 whatever the model dtype
+    pixels = sampling_pixels.float()
+    x, y = pixels[..., 0], pixels[..., 1]  # (B, Q, heads, L, P)
+    x0, y0 = x.floor(), y.floor()
+    fx, fy = (x - x0).unsqueeze(-1), (y - y0).unsqueeze(-1)
+    dx, dy = geometry.corner_dx, geometry.corner_dy  # corners (0,0), (1,0), (0,1), (1,1)
+    xs = x0.unsqueeze(-1) + dx  # (B, Q, heads, L, P, 4)
+    ys = y0.unsqueeze(-1) + dy
+    weights = (dx * fx + (1 - dx) * (1 - fx)) * (dy * fy + (1 - dy) * (1 - fy))
+    inside = (xs >= 0) & (xs < widths) & (ys >= 0) & (ys < heights)
+    weights = weights * inside * attention_weights.float().unsqueeze(-1)
+    flat = geometry.starts + ys.clamp(min=0).minimum(heights - 1) * widths + xs.clamp(min=0).minimum(widths - 1)
+    # row of (batch b, head h, token t) in the (B * heads * S, d) table
+    head_offsets = (torch.arange(batch * heads, device=value.device) * tokens).view(batch, 1, heads, 1, 1, 1)
+    rows = flat.long() + head_offsets
+    table = value.permute(0, 2, 1, 3).reshape(batch * heads * tokens, head_dim)
+    samples_per_query = rows.shape[3] * rows.shape[4] * rows.shape[5]
+    output = F.embedding_bag(rows.view(-1, samples_per_query), table, mode="sum",
+                             per_sample_weights=weights.view(-1, samples_per_query).to(value.dtype))
+    return output.view(batch, queries, heads * head_dim)
 
 
 class MultiscaleDeformableAttention(nn.Module):
@@ -114,20 +162,18 @@ class MultiscaleDeformableAttention(nn.Module):
         self.value_proj = nn.Linear(embed_dim, embed_dim)
         self.output_proj = nn.Linear(embed_dim, embed_dim)
 
-    def forward(self, hidden_states: torch.Tensor, position_embeddings: torch.Tensor, reference_grid: torch.Tensor,
-                offset_scale: torch.Tensor, spatial_shapes: list[tuple[int, int]]
+    def forward(self, hidden_states: torch.Tensor, position_embeddings: torch.Tensor, geometry: LevelGeometry
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """hidden_states, position_embeddings: (B, S, C); reference_grid: (S, 1, L, 1, 2) = 2 * reference - 1;
-        offset_scale: (L, 1, 2) = 2 / (W_l, H_l). Returns (output (B, S, C), attention weights (B, S, h, L, P))."""
+        """hidden_states, position_embeddings: (B, S, C) -> (output (B, S, C), attention weights (B, S, h, L, P))."""
         batch, tokens, _ = hidden_states.shape
         query = hidden_states + position_embeddings
         value = self.value_proj(hidden_states).view(batch, tokens, self.n_heads, self.d_model // self.n_heads)
         offsets = self.sampling_offsets(query).view(batch, tokens, self.n_heads, self.n_levels, self.n_points, 2)
         weights = self.attention_weights(query).view(batch, tokens, self.n_heads, self.n_levels * self.n_points)
         weights = weights.softmax(-1).view(batch, tokens, self.n_heads, self.n_levels, self.n_points)
-        # grid = 2 * (reference + offset / (W, H)) - 1, in grid_sample's [-1, 1] coordinates
-        sampling_grids = reference_grid + offsets * offset_scale
-        output = multi_scale_deformable_attention(value, spatial_shapes, sampling_grids, weights)
+        # offsets are in pixels of each level (transformers divides by (W, H), grid_sample multiplies back)
+        sampling_pixels = geometry.reference_pixels + offsets
+        output = multi_scale_deformable_attention(value, geometry, sampling_pixels, weights)
         return self.output_proj(output), weights
 
 
@@ -145,11 +191,9 @@ class Mask2FormerPixelDecoderEncoderLayer(nn.Module):
         self.final_layer_norm = nn.LayerNorm(dim)
         self.dropout = config.dropout
 
-    def forward(self, hidden_states: torch.Tensor, position_embeddings: torch.Tensor, reference_grid: torch.Tensor,
-                offset_scale: torch.Tensor, spatial_shapes: list[tuple[int, int]]
+    def forward(self, hidden_states: torch.Tensor, position_embeddings: torch.Tensor, geometry: LevelGeometry
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        attended, weights = self.self_attn(hidden_states, position_embeddings, reference_grid, offset_scale,
-                                           spatial_shapes)
+        attended, weights = self.self_attn(hidden_states, position_embeddings, geometry)
         attended = F.dropout(attended, p=self.dropout, training=self.training)
         hidden_states = self.self_attn_layer_norm(hidden_states + attended)
         feed_forward = F.dropout(F.relu(self.fc1(hidden_states)), p=self.dropout, training=self.training)
@@ -166,40 +210,23 @@ class Mask2FormerPixelDecoderEncoderOnly(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList([Mask2FormerPixelDecoderEncoderLayer(config)
                                      for _ in range(config.encoder_layers)])
-        self._grid_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._geometry_cache: dict[tuple, LevelGeometry] = {}
 
-    def sampling_geometry(self, spatial_shapes: list[tuple[int, int]], device: torch.device, dtype: torch.dtype
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reference points of every token at its pixel centre, as grid coordinates (S, 1, L, 1, 2), and the
-        per-level scale turning offsets in pixels into grid units (L, 1, 2). Cached per shape."""
+    def geometry(self, spatial_shapes: list[tuple[int, int]], device: torch.device, dtype: torch.dtype
+                 ) -> LevelGeometry:
         key = (tuple(spatial_shapes), device, dtype)
-        cached = self._grid_cache.get(key)
-        if cached is not None:
-            return cached
-        references = []
-        for height, width in spatial_shapes:
-            ref_y, ref_x = torch.meshgrid(torch.linspace(0.5, height - 0.5, height, dtype=dtype, device=device),
-                                          torch.linspace(0.5, width - 0.5, width, dtype=dtype, device=device),
-                                          indexing="ij")
-            references.append(torch.stack((ref_x.reshape(-1) / width, ref_y.reshape(-1) / height), -1))
-        reference = torch.cat(references, 0)  # (S, 2) in [0, 1]
-        reference_grid = (2 * reference - 1)[:, None, None, None, :].expand(-1, 1, len(spatial_shapes), 1, 2)
-        offset_scale = torch.tensor([[2.0 / w, 2.0 / h] for h, w in spatial_shapes], dtype=dtype,
-                                    device=device)[:, None, :]
-        cached = (reference_grid.contiguous(), offset_scale)
-        self._grid_cache[key] = cached
-        return cached
+        if key not in self._geometry_cache:
+            self._geometry_cache[key] = LevelGeometry(spatial_shapes, device, dtype)
+        return self._geometry_cache[key]
 
     def forward(self, inputs_embeds: torch.Tensor, position_embeddings: torch.Tensor,
                 spatial_shapes: list[tuple[int, int]], output_attentions: bool = False
                 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
-        reference_grid, offset_scale = self.sampling_geometry(spatial_shapes, inputs_embeds.device,
-                                                              inputs_embeds.dtype)
+        geometry = self.geometry(spatial_shapes, inputs_embeds.device, inputs_embeds.dtype)
         hidden_states = inputs_embeds
         attentions = () if output_attentions else None
         for layer in self.layers:
-            hidden_states, weights = layer(hidden_states, position_embeddings, reference_grid, offset_scale,
-                                           spatial_shapes)
+            hidden_states, weights = layer(hidden_states, position_embeddings, geometry)
             if output_attentions:
                 attentions += (weights.transpose(1, 0),)
         return hidden_states, attentions

@@ -164,14 +164,17 @@ class SwinWindowAttention(nn.Module):
         """windows: (B, nW, N, C); shift_mask: (nW, 1, N, N) or None. Returns (B, nW, N, C)."""
         batch, num_windows, tokens, channels = windows.shape
         qkv = F.linear(windows, *self._qkv_weights())  # (B, nW, N, 3C)
-        qkv = qkv.view(batch, num_windows, tokens, 3, self.num_heads, self.head_dim).permute(3, 0, 1, 4, 2, 5)
-        query, key, value = qkv.unbind(0)  # each (B, nW, heads, N, d)
-        mask = self.relative_position_bias().to(windows.dtype)  # (heads, N, N)
+        # 4-D (B*nW, heads, N, d) tensors keep scaled_dot_product_attention on its fused CPU/GPU kernels
+        qkv = qkv.view(batch * num_windows, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        query, key, value = qkv.unbind(0)
+        mask = self.relative_position_bias().to(windows.dtype).unsqueeze(0)  # (1, heads, N, N)
         if shift_mask is not None:
             mask = mask + shift_mask  # (nW, heads, N, N)
+            if batch > 1:
+                mask = mask.expand(batch, -1, -1, -1, -1).reshape(batch * num_windows, self.num_heads, tokens, tokens)
         dropout = self.attention_dropout if self.training else 0.0
         context = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout)
-        context = context.transpose(2, 3).reshape(batch, num_windows, tokens, channels)
+        context = context.transpose(1, 2).reshape(batch, num_windows, tokens, channels)
         return self.o_proj(context)
 
 

@@ -169,10 +169,15 @@ class Mask2FormerMaskPredictor(nn.Module):
     def forward(self, queries: torch.Tensor, pixel_embeddings: torch.Tensor,
                 attention_mask_size: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """queries (B, Q, C); pixel_embeddings (B, C', H/4, W/4) -> mask logits (B, Q, H/4, W/4) and, if a size is
-        given, `allowed` (B, 1, Q, h*w): True where the query may attend (sigmoid of the resized logits >= 0.5)."""
+        given, `allowed` (B, 1, Q, h*w): True where the next layer's cross-attention may look.
+
+        The attention mask is thresholded from the full-resolution logits resized to the level, exactly as in
+        transformers (resizing the features first would be cheaper and equal in exact arithmetic, but its
+        rounding flips logits that sit at the threshold, and a flip changes the outputs visibly).
+        """
         batch, channels, height, width = pixel_embeddings.shape
         mask_embeddings = self.mask_embedder(queries)  # (B, Q, C')
-        mask_logits = torch.bmm(mask_embeddings, pixel_embeddings.view(batch, channels, height * width))
+        mask_logits = torch.bmm(mask_embeddings, pixel_embeddings.reshape(batch, channels, height * width))
         mask_logits = mask_logits.view(batch, -1, height, width)
         if attention_mask_size is None:
             return mask_logits, None
@@ -194,16 +199,21 @@ class Mask2FormerMaskedAttentionDecoder(nn.Module):
     def forward(self, queries: torch.Tensor, query_positions: torch.Tensor, memories: list[torch.Tensor],
                 memory_positions: list[torch.Tensor], pixel_embeddings: torch.Tensor,
                 level_sizes: list[tuple[int, int]], output_hidden_states: bool = False,
-                output_attentions: bool = False) -> Mask2FormerMaskedAttentionDecoderOutput:
-        """queries, query_positions: (B, Q, C); memories/memory_positions: per level (B, h*w, C)."""
+                output_attentions: bool = False, all_mask_predictions: bool = True
+                ) -> Mask2FormerMaskedAttentionDecoderOutput:
+        """queries, query_positions: (B, Q, C); memories/memory_positions: per level (B, h*w, C).
+
+        With all_mask_predictions=False, masks_queries_logits holds only the final prediction (the others are
+        still computed: the attention masks come from them).
+        """
         hidden_states = queries
         all_hidden_states = () if output_hidden_states else None
         attentions = () if output_attentions else None
+        num_layers = len(self.layers)
         normed = self.layernorm(hidden_states)
         intermediate = (normed,)
         mask_logits, allowed = self.mask_predictor(normed, pixel_embeddings, level_sizes[0])
-        mask_predictions = (mask_logits,)
-        num_layers = len(self.layers)
+        mask_predictions = (mask_logits,) if all_mask_predictions or num_layers == 0 else ()
         for index, layer in enumerate(self.layers):
             if output_hidden_states:
                 all_hidden_states += (hidden_states.transpose(0, 1),)
@@ -215,10 +225,12 @@ class Mask2FormerMaskedAttentionDecoder(nn.Module):
             hidden_states, self_weights, _ = layer(hidden_states, query_positions, memories[level],
                                                    memory_positions[level], allowed, output_attentions)
             normed = self.layernorm(hidden_states)
-            # the mask for a following layer is only needed if one follows
-            next_size = level_sizes[(index + 1) % NUM_FEATURE_LEVELS] if index + 1 < num_layers else None
-            mask_logits, allowed = self.mask_predictor(normed, pixel_embeddings, next_size)
-            mask_predictions += (mask_logits,)
+            is_last = index + 1 == num_layers
+            # the attention mask is only needed if another layer follows
+            mask_logits, allowed = self.mask_predictor(
+                normed, pixel_embeddings, None if is_last else level_sizes[(index + 1) % NUM_FEATURE_LEVELS])
+            if all_mask_predictions or is_last:
+                mask_predictions += (mask_logits,)
             intermediate += (normed,)
             if output_attentions:
                 attentions += (self_weights,)
@@ -251,8 +263,8 @@ class Mask2FormerTransformerModule(nn.Module):
         self.level_embed = nn.Embedding(NUM_FEATURE_LEVELS, hidden_dim)
 
     def forward(self, multi_scale_features: tuple[torch.Tensor, ...], mask_features: torch.Tensor,
-                output_hidden_states: bool = False, output_attentions: bool = False
-                ) -> Mask2FormerMaskedAttentionDecoderOutput:
+                output_hidden_states: bool = False, output_attentions: bool = False,
+                all_mask_predictions: bool = True) -> Mask2FormerMaskedAttentionDecoderOutput:
         memories, memory_positions, level_sizes = [], [], []
         for level in range(NUM_FEATURE_LEVELS):
             feature = multi_scale_features[level]
@@ -266,4 +278,5 @@ class Mask2FormerTransformerModule(nn.Module):
         query_positions = self.queries_embedder.weight.unsqueeze(0).expand(batch, -1, -1)
         queries = self.queries_features.weight.unsqueeze(0).expand(batch, -1, -1)
         return self.decoder(queries, query_positions, memories, memory_positions, mask_features, level_sizes,
-                            output_hidden_states=output_hidden_states, output_attentions=output_attentions)
+                            output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+                            all_mask_predictions=all_mask_predictions)
