@@ -5,6 +5,7 @@ A user switching from transformers changes only the import:
 """
 from .checkpoints import CheckpointError
 from .configuration import Mask2FormerConfig, SwinConfig
+from .image_processing import Mask2FormerImageProcessor
 from .loss import Mask2FormerHungarianMatcher, Mask2FormerLoss
 from .modeling import (Mask2FormerForUniversalSegmentation, Mask2FormerModel, Mask2FormerPreTrainedModel)
 from .outputs import (Mask2FormerForUniversalSegmentationOutput, Mask2FormerMaskedAttentionDecoderOutput,
@@ -14,6 +15,7 @@ __all__ = [
     "CheckpointError",
     "Mask2FormerConfig",
     "SwinConfig",
+    "Mask2FormerImageProcessor",
     "Mask2FormerHungarianMatcher",
     "Mask2FormerLoss",
     "Mask2FormerPreTrainedModel",
