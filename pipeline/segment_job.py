@@ -137,6 +137,8 @@ def run_segmentation(options: SegmentationOptions | dict) -> dict:
             pipeline_started = time.monotonic()
             processed = _run_pipeline(pending, options, storage, plan, run_id)
             pipeline_seconds = time.monotonic() - pipeline_started
+            for row in processed:
+                row["_arrived"] -= pipeline_started
         finally:
             if started_ray:
                 ray.shutdown()
@@ -233,8 +235,10 @@ def _run_pipeline(pending: pa.Table, options: SegmentationOptions, storage: Stor
     committed: list[dict] = []
     try:
         for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
-            committed.extend(batch.select(["image_uri", "status", "error_stage", "panoptic_segments",
-                                           "instance_segments", "semantic_segments"]).to_pylist())
+            rows = batch.select(["image_uri", "status", "error_stage", "panoptic_segments", "instance_segments",
+                                 "semantic_segments"]).to_pylist()
+            arrived = time.monotonic()
+            committed.extend({**row, "_arrived": arrived} for row in rows)
     except KeyboardInterrupt:
         if watchdog.stall_message is not None:
             raise PipelineStalledError(watchdog.stall_message) from None
@@ -253,6 +257,18 @@ def _write_overlays(options: SegmentationOptions, storage: StorageConfig, final)
     segments = pa.concat_tables([read_table_file(options.output, storage, SEGMENTS_DIR, s).cast(SEGMENTS_SCHEMA)
                                  for s in stems]) if stems else SEGMENTS_SCHEMA.empty_table()
     return write_overlays(options.output, storage, chosen, segments, count=options.overlays, tasks=options.tasks)
+
+
+def _steady_state(processed: list[dict], pipeline_seconds: float) -> dict:
+    """Rate once the first batch is out (actor start-up excluded): what a long run converges to."""
+    if not processed:
+        return {"pipeline_first_result_s": None, "steady_images_per_s": None}
+    first = min(row["_arrived"] for row in processed)
+    after_first = sum(1 for row in processed if row["_arrived"] > first)
+    steady_seconds = pipeline_seconds - first
+    return {"pipeline_first_result_s": round(first, 3),
+            "steady_images_per_s": round(after_first / steady_seconds, 4) if after_first and steady_seconds > 0
+            else None}
 
 
 def _build_report(options: SegmentationOptions, storage: StorageConfig, run_id: str, id2label: dict,
@@ -285,6 +301,7 @@ def _build_report(options: SegmentationOptions, storage: StorageConfig, run_id: 
         # The Ray Data part alone: actor start-up included, model validation/listing/compaction not.
         "pipeline_wall_time_s": round(pipeline_seconds, 3),
         "pipeline_images_per_s": round(len(processed) / pipeline_seconds, 4) if pipeline_seconds > 0 else None,
+        **_steady_state(processed, pipeline_seconds),
         "output_totals": {
             "images": len(totals),
             "ok": sum(1 for r in totals if r["status"] == "ok"),
