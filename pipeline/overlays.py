@@ -44,12 +44,18 @@ def render_overlay(image: Image.Image, segments: list[dict], *, alpha: float = 0
         edge = mask & ~(np.roll(mask, 1, 0) & np.roll(mask, -1, 0) & np.roll(mask, 1, 1) & np.roll(mask, -1, 1))
         base[edge] = color
         rows, cols = np.nonzero(mask)
+        middle = len(rows) // 2  # a pixel of the mask itself, near its middle in raster order
         text = segment["label"] if segment.get("score") is None else f"{segment['label']} {segment['score']:.2f}"
-        label_positions.append((int(cols.min()), int(rows.min()), text))
+        label_positions.append((int(cols[middle]), int(rows[middle]), text))
     overlay = Image.fromarray(base.clip(0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(overlay)
+    taken: list[tuple[int, int, int, int]] = []
     for x, y, text in label_positions:
         left, top, right, bottom = draw.textbbox((x, y), text)
+        while any(left < r and right > l and top < b and bottom > t for l, t, r, b in taken):
+            y += bottom - top + 2  # move below labels already drawn instead of covering them
+            left, top, right, bottom = draw.textbbox((x, y), text)
+        taken.append((left, top, right, bottom))
         draw.rectangle((left - 1, top - 1, right + 1, bottom + 1), fill=(0, 0, 0))
         draw.text((x, y), text, fill=(255, 255, 255))
     return overlay
