@@ -238,7 +238,9 @@ def pipeline_runs(model_dir: Path, input_dir: Path, output_dir: Path, *, images:
                 input=str(input_dir), output=str(output_dir / name), model=str(model_dir), tasks=tasks,
                 batch_size=batch_size, limit=limit, show_progress=False))
             runs[name] = {"images": report["processed"], "ok": report["ok"], "seconds": time.perf_counter() - started,
-                          "segments": report["segments"], "pools": report["pools"]}
+                          "segments": report["segments"], "pools": report["pools"],
+                          # the job's own estimate: images after its first committed batch / time after it
+                          "report_steady_images_per_s": report.get("steady_images_per_s")}
     finally:
         sampler.stop()
         ray.shutdown()
@@ -248,6 +250,7 @@ def pipeline_runs(model_dir: Path, input_dir: Path, output_dir: Path, *, images:
             "images_per_s": full["images"] / full["seconds"],
             # None when the runs are too alike in size, or too noisy, to say anything
             "marginal_images_per_s": extra_images / extra_seconds if extra_images > 0 and extra_seconds > 0 else None,
+            "report_steady_images_per_s": full["report_steady_images_per_s"],
             "short_run": short, "ray_start_s": ray_start_s, "pools": full["pools"], "segments": full["segments"],
             "peak_rss_mib": {k: round(v, 1) for k, v in sampler.peaks_mib.items()},
             "process_counts": {k: len(v) for k, v in sampler.processes.items()}}
@@ -291,6 +294,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{piped['marginal_images_per_s']:.3f} images/s, ratio {results['marginal_ratio_pipeline_to_model']:.3f}")
     else:
         print("marginal pipeline rate: not measurable (use more --images, or the machine is too noisy)")
+    if piped["report_steady_images_per_s"]:
+        print(f"the job's report, rate after its first committed batch: {piped['report_steady_images_per_s']:.3f} "
+              f"images/s, ratio {piped['report_steady_images_per_s'] / bare['images_per_s']:.3f}")
     if planned_threads is not None and planned_threads != threads:
         print(f"note: the pipeline's model actor used {planned_threads} torch threads, the bare loop {threads}")
     print("peak RSS by process kind (MiB): " + ", ".join(
