@@ -25,7 +25,7 @@ from training.evaluation import (TASKS, format_report, load_ground_truth, predic
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", help="transformers-layout checkpoint directory to run")
+    source.add_argument("--model", help="transformers-layout checkpoint directory to run (local or s3://)")
     source.add_argument("--predictions", help="--output folder of jobs/segment_bucket.py (local or s3://)")
     parser.add_argument("--data", required=True, help="COCO-layout dataset root (local or s3://)")
     parser.add_argument("--split", default="val")
@@ -59,8 +59,13 @@ def main(argv: list[str] | None = None) -> dict:
     if args.model:
         from m2f_model import Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor
 
-        model = Mask2FormerForUniversalSegmentation.from_pretrained(args.model)
-        processor = Mask2FormerImageProcessor.from_pretrained(args.model)
+        from training.train_loop import local_directory
+
+        model_dir, download = local_directory(args.model, args.storage_options)  # s3:// is downloaded
+        model = Mask2FormerForUniversalSegmentation.from_pretrained(model_dir)
+        processor = Mask2FormerImageProcessor.from_pretrained(model_dir)
+        if download is not None:
+            download.cleanup()
         fuse = {int(label) for label in args.label_ids_to_fuse.split(",") if label.strip()}
         if args.fuse_stuff:
             fuse |= set(stuff_label_ids({int(k): v for k, v in model.config.id2label.items()}, ground_truth))

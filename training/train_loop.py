@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 __all__ = ["FinetuneConfig", "train_loop_per_worker", "build_model_and_processor", "poly_lr_factor",
-           "TRAINING_STATE_NAME", "HISTORY_NAME", "BACKBONE_PREFIX"]
+           "local_directory", "TRAINING_STATE_NAME", "HISTORY_NAME", "BACKBONE_PREFIX"]
 
 TRAINING_STATE_NAME = "training_state.pt"
 HISTORY_NAME = "history.json"
@@ -70,7 +70,7 @@ def poly_lr_factor(step: int, *, total_steps: int, warmup_steps: int, power: flo
     return max(0.0, 1.0 - progress) ** power
 
 
-def _local_directory(uri: str, storage_options: dict | None) -> tuple[str, tempfile.TemporaryDirectory | None]:
+def local_directory(uri: str, storage_options: dict | None) -> tuple[str, tempfile.TemporaryDirectory | None]:
     """A local path for a checkpoint directory given as a path or URI (s3://... is downloaded)."""
     import fsspec
 
@@ -95,7 +95,7 @@ def build_model_and_processor(config: FinetuneConfig, id2label: dict[int, str]) 
 
     label2id = {name: label for label, name in id2label.items()}
     if config.init_from:
-        local, download = _local_directory(config.init_from, config.storage_options)
+        local, download = local_directory(config.init_from, config.storage_options)
         try:
             init_config = Mask2FormerConfig.from_pretrained(local)
             old_labels = {int(k): v for k, v in init_config.id2label.items()}
