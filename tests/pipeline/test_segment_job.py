@@ -241,7 +241,7 @@ def test_a_model_that_cannot_load_fails_at_once_with_the_reason(tmp_path, tiny_c
 
 def test_job_killed_part_way_then_resumed_has_every_image_exactly_once(
         ray_session, tmp_path, tiny_checkpoint_seed1):
-    """SIGKILL the whole CLI process group (driver, embedded Ray, actors) once a batch has committed."""
+    """SIGKILL every process of the CLI's session (driver, embedded Ray, actors) once a batch has committed."""
     import signal
     import subprocess
     import sys
@@ -265,8 +265,10 @@ def test_job_killed_part_way_then_resumed_has_every_image_exactly_once(
                 break
             time.sleep(0.1)
     finally:
-        os.killpg(job.pid, signal.SIGKILL)
+        _kill_session(job.pid, signal.SIGKILL)
         job.wait()
+        time.sleep(0.5)
+        _kill_session(job.pid, signal.SIGKILL)  # anything spawned while the first sweep ran
     committed_before = {p.stem for p in (output / "images").glob("*.parquet")}
     assert 1 <= len(committed_before) < len(names), "the kill must land part way"
 
@@ -281,3 +283,20 @@ def test_job_killed_part_way_then_resumed_has_every_image_exactly_once(
     for row in images.to_pylist():
         assert row["semantic_segments"] == sum(1 for k in keys if k[0] == row["image_uri"] and k[1] == "semantic")
     assert {p.stem for p in (output / "segments").iterdir()} == {p.stem for p in (output / "images").iterdir()}
+
+
+def _kill_session(session_id: int, sig: int) -> None:
+    """Signals every process whose session is `session_id` (Ray puts each worker in its own process group, so
+    killing the driver's group alone would let an actor finish the write it is in)."""
+    from pathlib import Path
+
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == session_id:  # fields after the command: state, ppid, pgrp, session, ...
+            try:
+                os.kill(int(stat.parent.name), sig)
+            except ProcessLookupError:
+                pass
