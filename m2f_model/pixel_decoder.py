@@ -136,10 +136,11 @@ def multi_scale_deformable_attention(value: torch.Tensor, geometry: LevelGeometr
     inside = (xs >= 0) & (xs < widths) & (ys >= 0) & (ys < heights)
     weights = weights * inside * attention_weights.float().unsqueeze(-1)
     flat = geometry.starts + ys.clamp(min=0).minimum(heights - 1) * widths + xs.clamp(min=0).minimum(widths - 1)
-    # row of (batch b, head h, token t) in the (B * heads * S, d) table
-    head_offsets = (torch.arange(batch * heads, device=value.device) * tokens).view(batch, 1, heads, 1, 1, 1)
-    rows = flat.long() + head_offsets
-    table = value.permute(0, 2, 1, 3).reshape(batch * heads * tokens, head_dim)
+    # value as a (B * S * heads, d) table without a copy: row of (batch b, token t, head h) = (b * S + t) * heads + h
+    batch_offsets = (torch.arange(batch, device=value.device) * tokens).view(batch, 1, 1, 1, 1, 1)
+    head_index = torch.arange(heads, device=value.device).view(1, 1, heads, 1, 1, 1)
+    rows = (flat.long() + batch_offsets) * heads + head_index
+    table = value.reshape(batch * tokens * heads, head_dim)
     samples_per_query = rows.shape[3] * rows.shape[4] * rows.shape[5]
     output = F.embedding_bag(rows.view(-1, samples_per_query), table, mode="sum",
                              per_sample_weights=weights.view(-1, samples_per_query).to(value.dtype))

@@ -9,9 +9,10 @@ Behaviour that matters for parity with transformers (and the original detectron2
   [even-row even-col, odd-row even-col, even-row odd-col, odd-row odd-col];
 - backbone outputs are the pre-downsampling stage maps, each through its own LayerNorm (`hidden_states_norms`).
 
-Speed: q/k/v run as one matmul over concatenated weights (the state dict keeps the separate projections), the
-relative-position bias and shift mask are combined into one additive mask for `scaled_dot_product_attention`,
-and shift masks are built once per padded shape.
+Speed: pad + roll + window partition (and back) are one cached gather (scatter); q/k/v run as one matmul over
+concatenated weights (the state dict keeps the separate projections); the relative-position bias and shift mask
+are one additive mask for `scaled_dot_product_attention` on 4-D tensors (its fused kernel); shift masks and
+gather indices are built once per map size.
 """
 from __future__ import annotations
 
@@ -47,13 +48,6 @@ def _partition_windows(x: torch.Tensor, window_size: int) -> torch.Tensor:
     batch, height, width, channels = x.shape
     x = x.view(batch, height // window_size, window_size, width // window_size, window_size, channels)
     return x.permute(0, 1, 3, 2, 4, 5).reshape(batch, -1, window_size * window_size, channels)
-
-
-def _merge_windows(windows: torch.Tensor, window_size: int, height: int, width: int) -> torch.Tensor:
-    """(B, nW, w*w, C) -> (B, H, W, C)."""
-    batch, _, _, channels = windows.shape
-    x = windows.view(batch, height // window_size, width // window_size, window_size, window_size, channels)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(batch, height, width, channels)
 
 
 def shifted_window_mask(height: int, width: int, window_size: int, shift: int,
@@ -190,8 +184,32 @@ class SwinMLP(nn.Module):
         return self.fc2(self.activation(self.fc1(x)))
 
 
+def window_token_order(height: int, width: int, window_size: int, shift: int, device: torch.device
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index tensors that replace pad + roll + window partition (and their inverse) by one gather each.
+
+    gather: (nW * w*w,) index into a (H*W + 1)-row map whose last row is zeros: the token at each window
+    position after zero-padding to window multiples and rolling by -shift. scatter: (H*W,) position of every
+    original token in that window order.
+    """
+    padded_height = height + (-height) % window_size
+    padded_width = width + (-width) % window_size
+    rows = torch.arange(padded_height, device=device)[:, None]
+    cols = torch.arange(padded_width, device=device)[None, :]
+    source = torch.where((rows < height) & (cols < width), rows * width + cols, height * width)  # (Hp, Wp)
+    source = torch.roll(source, shifts=(-shift, -shift), dims=(0, 1))
+    gather = _partition_windows(source[None, :, :, None], window_size).reshape(-1)
+    scatter = torch.empty(height * width + 1, dtype=torch.long, device=device)
+    scatter[gather] = torch.arange(gather.numel(), device=device)
+    return gather, scatter[:-1].clone()
+
+
 class SwinBlock(nn.Module):
-    """One (shifted-)window attention block: x + attn(LN(x)), then x + MLP(LN(x))."""
+    """One (shifted-)window attention block: x + attn(LN(x)), then x + MLP(LN(x)).
+
+    As in transformers, the map is zero-padded to window multiples after `layernorm_before` and rolled by
+    -shift before partitioning; here those three moves are one cached gather (and one scatter back).
+    """
 
     def __init__(self, config: SwinConfig, dim: int, num_heads: int, shift_size: int, drop_path: float) -> None:
         super().__init__()
@@ -203,39 +221,37 @@ class SwinBlock(nn.Module):
         self.mlp = SwinMLP(config, dim)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.drop_path = SwinDropPath(drop_path)
-        self._shift_masks: dict[tuple, torch.Tensor] = {}
+        self._geometry: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
 
-    def _shift_mask(self, height: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
-        if self.shift_size == 0:
-            return None
+    def _window_geometry(self, height: int, width: int, device: torch.device, dtype: torch.dtype
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(gather, scatter, shift mask or None) for this map size, built once."""
         key = (height, width, device, dtype)
-        mask = self._shift_masks.get(key)
-        if mask is None:
-            mask = shifted_window_mask(height, width, self.window_size, self.shift_size, device, dtype)
-            self._shift_masks[key] = mask
-        return mask
+        cached = self._geometry.get(key)
+        if cached is None:
+            gather, scatter = window_token_order(height, width, self.window_size, self.shift_size, device)
+            mask = None
+            if self.shift_size:
+                mask = shifted_window_mask(height + (-height) % self.window_size, width + (-width) % self.window_size,
+                                           self.window_size, self.shift_size, device, dtype)
+            cached = (gather, scatter, mask)
+            self._geometry[key] = cached
+        return cached
 
     def forward(self, hidden_states: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """hidden_states: (B, H*W, C) -> (B, H*W, C)."""
         height, width = grid
-        batch, _, channels = hidden_states.shape
-        window = self.window_size
-        x = self.layernorm_before(hidden_states).view(batch, height, width, channels)
-        pad_bottom, pad_right = (-height) % window, (-width) % window
-        if pad_bottom or pad_right:
-            x = F.pad(x, (0, 0, 0, pad_right, 0, pad_bottom))
-        padded_height, padded_width = height + pad_bottom, width + pad_right
-        if self.shift_size:
-            x = torch.roll(x, shifts=(-self.shift_size, -self.shift_size), dims=(1, 2))
-        windows = _partition_windows(x, window)  # (B, nW, w*w, C)
-        shift_mask = self._shift_mask(padded_height, padded_width, x.device, x.dtype)
+        batch, tokens, channels = hidden_states.shape
+        area = self.window_size * self.window_size
+        gather, scatter, shift_mask = self._window_geometry(height, width, hidden_states.device, hidden_states.dtype)
+        normed = self.layernorm_before(hidden_states)
+        if gather.numel() != tokens:
+            # padding to window multiples: padded positions read the extra zero row
+            normed = torch.cat((normed, normed.new_zeros(batch, 1, channels)), 1)
+        windows = normed.index_select(1, gather).view(batch, -1, area, channels)  # (B, nW, w*w, C)
         attended = self.dropout(self.attention(windows, shift_mask))
-        x = _merge_windows(attended, window, padded_height, padded_width)
-        if self.shift_size:
-            x = torch.roll(x, shifts=(self.shift_size, self.shift_size), dims=(1, 2))
-        if pad_bottom or pad_right:
-            x = x[:, :height, :width]
-        hidden_states = hidden_states + self.drop_path(x.reshape(batch, height * width, channels))
+        attended = attended.view(batch, -1, channels).index_select(1, scatter)  # (B, H*W, C)
+        hidden_states = hidden_states + self.drop_path(attended)
         return hidden_states + self.dropout(self.mlp(self.layernorm_after(hidden_states)))
 
 
