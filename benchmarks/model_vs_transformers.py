@@ -1,0 +1,257 @@
+"""m2f_model against transformers 5.24 on the same weights and inputs, in one run.
+
+Prints, for each measure, the median time of both (wall clock and process CPU time), the speed
+ratio transformers / ours, the peak memory of each call, and whether the outputs agree:
+- forward of a Swin-T Mask2Former (transformers' config defaults, SwinConfig embed_dim 96, depths
+  [2, 2, 6, 2], heads [3, 6, 12, 24], window 7, num_labels 133; random weights; built in
+  transformers, saved with save_pretrained, loaded by m2f_model) at 384x384 and 800x1088, batch 1
+  and 4;
+- preprocessing of one 640x480 PIL image with the default settings (-> 800x1088), against
+  transformers' default (torchvision) processor and its PIL processor;
+- the three post-processors at 100 queries and 133 labels (96x96 mask logits, target 480x640)
+  on realistic random logits: blob-shaped masks, a quarter of the queries confident about one
+  class, the rest confident "no object".
+
+Peak memory: the growth of the process's peak resident set size (VmHWM, reset through
+/proc/self/clear_refs before each call) during one call. glibc's mmap threshold is pinned at
+128 KiB (the script re-executes itself with MALLOC_MMAP_THRESHOLD_ set) so every freed tensor goes
+back to the OS and the next call's peak is its own.
+
+Usage: python benchmarks/model_vs_transformers.py [--quick] [--skip-forward] [--repeats N]
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
+MMAP_THRESHOLD_ENV = "MALLOC_MMAP_THRESHOLD_"
+
+if __name__ == "__main__" and MMAP_THRESHOLD_ENV not in os.environ:
+    os.environ[MMAP_THRESHOLD_ENV] = "131072"
+    os.execv(sys.executable, [sys.executable, *sys.argv])
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+NUM_THREADS = 2
+COCO_PANOPTIC_LABELS = 133
+COCO_THING_LABELS = 80
+
+
+# ------------------------------------------------------------------------------------- measuring
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} missing from /proc/self/status")
+
+
+def peak_rss_growth_mib(function: Callable[[], Any]) -> float:
+    """How far the resident set grew above its level before the call, at its peak during the call."""
+    gc.collect()
+    before = _status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")  # resets VmHWM to the current RSS
+    result = function()
+    peak = _status_kib("VmHWM")
+    del result
+    return max(peak - before, 0) / 1024
+
+
+@dataclass
+class Timing:
+    wall_s: float
+    cpu_s: float
+    peak_mib: float
+
+
+def measure(function: Callable[[], Any], repeats: int, warmup: int = 1) -> Timing:
+    for _ in range(warmup):
+        function()
+    walls, cpus = [], []
+    for _ in range(repeats):
+        wall_start, cpu_start = time.perf_counter(), time.process_time()
+        function()
+        cpus.append(time.process_time() - cpu_start)
+        walls.append(time.perf_counter() - wall_start)
+    return Timing(statistics.median(walls), statistics.median(cpus), peak_rss_growth_mib(function))
+
+
+def report(name: str, reference: Timing, ours: Timing, agreement: str) -> None:
+    print(f"{name:<44} transformers {reference.wall_s * 1e3:9.1f} ms (cpu {reference.cpu_s * 1e3:9.1f}) "
+          f"peak +{reference.peak_mib:7.1f} MiB | ours {ours.wall_s * 1e3:9.1f} ms (cpu {ours.cpu_s * 1e3:9.1f}) "
+          f"peak +{ours.peak_mib:7.1f} MiB | ratio wall {reference.wall_s / ours.wall_s:5.2f}x "
+          f"cpu {reference.cpu_s / ours.cpu_s:5.2f}x | {agreement}", flush=True)
+
+
+# ------------------------------------------------------------------------------------- comparing
+def max_abs_difference(reference: Any, ours: Any) -> float:
+    """Largest absolute difference over matching tensors (inf when structures differ)."""
+    if isinstance(reference, torch.Tensor):
+        if not isinstance(ours, torch.Tensor) or reference.shape != ours.shape:
+            return float("inf")
+        if reference.numel() == 0:
+            return 0.0
+        return (reference.double() - ours.double()).abs().max().item()
+    if isinstance(reference, dict) or hasattr(reference, "keys"):
+        if set(reference.keys()) != set(ours.keys()):
+            return float("inf")
+        return max([max_abs_difference(reference[key], ours[key]) for key in reference.keys()], default=0.0)
+    if isinstance(reference, (list, tuple)):
+        if not isinstance(ours, (list, tuple)) or len(reference) != len(ours):
+            return float("inf")
+        return max([max_abs_difference(a, b) for a, b in zip(reference, ours)], default=0.0)
+    if isinstance(reference, (int, float, bool)) and isinstance(ours, (int, float, bool)):
+        return abs(float(reference) - float(ours))
+    return 0.0 if reference == ours else float("inf")
+
+
+# ------------------------------------------------------------------------------------- inputs
+def realistic_outputs(*, seed: int, batch: int = 1, queries: int = 100, labels: int = COCO_PANOPTIC_LABELS,
+                      height: int = 96, width: int = 96, confident_fraction: float = 0.25) -> SimpleNamespace:
+    """Mask2Former-like outputs: confident queries split the image between them, the rest say "no object".
+
+    Each confident query is sure of one class and owns the cell of a (radius-weighted) Voronoi
+    partition: its mask logit grows with the margin to the nearest other cell, so masks are blobs
+    that barely overlap and every pixel is claimed, as with a trained panoptic model. The first four
+    are large "stuff" cells. The other queries have low logits everywhere.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    confident = torch.rand(batch, queries, generator=generator) < confident_fraction
+    confident[:, :4] = True
+    class_logits = torch.randn(batch, queries, labels + 1, generator=generator)  # (B, Q, L+1)
+    chosen = torch.randint(0, labels, (batch, queries), generator=generator)
+    class_logits.scatter_add_(2, chosen[..., None], (confident.float() * 9.0)[..., None])
+    class_logits[..., -1] += (~confident).float() * 7.0
+    ys = torch.linspace(0, 1, height).view(1, 1, height, 1)
+    xs = torch.linspace(0, 1, width).view(1, 1, 1, width)
+    centres = torch.rand(batch, queries, 2, 1, 1, generator=generator)
+    radii = 0.05 + 0.2 * torch.rand(batch, queries, 1, 1, generator=generator)
+    radii[:, :4] = 0.6
+    scaled_distance = ((ys - centres[:, :, 0]) ** 2 + (xs - centres[:, :, 1]) ** 2).sqrt() / radii  # (B, Q, h, w)
+    scaled_distance = torch.where(confident[..., None, None], scaled_distance, torch.inf)
+    two_nearest = scaled_distance.topk(2, dim=1, largest=False).values  # (B, 2, h, w)
+    nearest_other = torch.where(scaled_distance == two_nearest[:, :1], two_nearest[:, 1:], two_nearest[:, :1])
+    margin = torch.where(confident[..., None, None], nearest_other - scaled_distance, -1.0)
+    coarse_noise = torch.randn(batch * queries, 1, 6, 6, generator=generator)
+    smooth_noise = torch.nn.functional.interpolate(coarse_noise, size=(height, width), mode="bicubic",
+                                                   align_corners=False).view(batch, queries, height, width)
+    mask_logits = (12.0 * margin).clamp(-10.0, 10.0) + 1.5 * smooth_noise  # (B, Q, h, w)
+    return SimpleNamespace(class_queries_logits=class_logits, masks_queries_logits=mask_logits)
+
+
+def swin_tiny_config(transformers_module: Any) -> Any:
+    backbone = transformers_module.SwinConfig(
+        embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], window_size=7,
+        out_features=["stage1", "stage2", "stage3", "stage4"])
+    return transformers_module.Mask2FormerConfig(backbone_config=backbone, num_labels=COCO_PANOPTIC_LABELS)
+
+
+# ------------------------------------------------------------------------------------- measures
+def bench_forward(transformers_module: Any, sizes: list[tuple[int, int]], batches: list[int], repeats: int) -> None:
+    from m2f_model import Mask2FormerForUniversalSegmentation
+
+    torch.manual_seed(0)
+    reference_model = transformers_module.Mask2FormerForUniversalSegmentation(swin_tiny_config(transformers_module))
+    reference_model.eval()
+    with tempfile.TemporaryDirectory() as directory:
+        reference_model.save_pretrained(directory)
+        our_model = Mask2FormerForUniversalSegmentation.from_pretrained(directory).eval()
+    for height, width in sizes:
+        for batch in batches:
+            pixel_values = torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(1))
+            with torch.inference_mode():
+                expected = reference_model(pixel_values=pixel_values)
+                actual = our_model(pixel_values=pixel_values)
+                difference = max(max_abs_difference(expected.class_queries_logits, actual.class_queries_logits),
+                                 max_abs_difference(expected.masks_queries_logits, actual.masks_queries_logits))
+                del expected, actual
+                big = height * width * batch > 2 * 800 * 1088
+                runs = max(1, repeats // 3) if big else repeats
+                warmup = 0 if big else 1
+                reference_timing = measure(lambda: reference_model(pixel_values=pixel_values), runs, warmup)
+                our_timing = measure(lambda: our_model(pixel_values=pixel_values), runs, warmup)
+            report(f"forward {height}x{width} batch {batch}", reference_timing, our_timing,
+                   f"max |diff| logits {difference:.2e}")
+
+
+def bench_preprocessing(transformers_module: Any, repeats: int) -> None:
+    from PIL import Image
+
+    from m2f_model.image_processing import Mask2FormerImageProcessor
+
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8))
+    ours = Mask2FormerImageProcessor()
+    our_result = ours(image, return_tensors="pt")
+    for name, reference in [("torchvision", transformers_module.Mask2FormerImageProcessor()),
+                            ("PIL", transformers_module.Mask2FormerImageProcessorPil())]:
+        expected = reference(image, return_tensors="pt")
+        difference = max_abs_difference(expected["pixel_values"], our_result["pixel_values"])
+        masks_equal = torch.equal(expected["pixel_mask"], our_result["pixel_mask"])
+        report(f"preprocess 640x480 -> 800x1088 vs {name}",
+               measure(lambda: reference(image, return_tensors="pt"), repeats * 5),
+               measure(lambda: ours(image, return_tensors="pt"), repeats * 5),
+               f"pixel_values max |diff| {difference:.2e}, pixel_mask equal {masks_equal}")
+
+
+def bench_post_processing(transformers_module: Any, repeats: int) -> None:
+    import m2f_model.post_processing as post_processing
+
+    transformers_module.logging.set_verbosity_error()
+    reference = transformers_module.Mask2FormerImageProcessor()
+    outputs = realistic_outputs(seed=0)
+    target_sizes = [(480, 640)]
+    stuff = set(range(COCO_THING_LABELS, COCO_PANOPTIC_LABELS))
+    cases = [
+        ("post_process_semantic_segmentation", {"target_sizes": target_sizes}),
+        ("post_process_instance_segmentation", {"target_sizes": target_sizes}),
+        ("post_process_instance_segmentation", {"target_sizes": target_sizes, "return_coco_annotation": True}),
+        ("post_process_panoptic_segmentation", {"target_sizes": target_sizes, "label_ids_to_fuse": stuff}),
+    ]
+    for method, kwargs in cases:
+        reference_call = lambda: getattr(reference, method)(outputs, **kwargs)  # noqa: E731
+        our_call = lambda: getattr(post_processing, method)(outputs, **kwargs)  # noqa: E731
+        expected, actual = reference_call(), our_call()
+        difference = max_abs_difference(expected, actual)
+        segments = len(expected[0]["segments_info"]) if isinstance(expected[0], dict) else "-"
+        options = ",".join(key for key in kwargs if key != "target_sizes") or "defaults"
+        report(f"{method.replace('post_process_', '')} ({options})", measure(reference_call, repeats),
+               measure(our_call, repeats), f"outputs equal {difference == 0.0} (segments {segments})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="384x384 batch 1 forward only, fewer repeats")
+    parser.add_argument("--skip-forward", action="store_true", help="only pre- and post-processing")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per measure (median reported)")
+    arguments = parser.parse_args()
+    torch.set_num_threads(NUM_THREADS)
+    repeats = arguments.repeats or (3 if arguments.quick else 7)
+
+    import transformers
+
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {NUM_THREADS} threads, "
+          f"median of {repeats} after warm-up; ratio = transformers time / ours", flush=True)
+    bench_preprocessing(transformers, repeats)
+    bench_post_processing(transformers, repeats)
+    if not arguments.skip_forward:
+        sizes = [(384, 384)] if arguments.quick else [(384, 384), (800, 1088)]
+        batches = [1] if arguments.quick else [1, 4]
+        bench_forward(transformers, sizes, batches, repeats)
+
+
+if __name__ == "__main__":
+    main()
