@@ -76,27 +76,42 @@ class Mask2FormerSinePositionEmbedding(nn.Module):
         return self.embedding(height, width, device, dtype).unsqueeze(0).expand(batch, -1, -1, -1)
 
 
+# Zero border around each level in the sampling table: 1 before, 2 after, so that after clamping a sample to
+# [-1, size] all four bilinear neighbours are inside the padded level and outside pixels read zeros.
+_BORDER_BEFORE, _BORDER_AFTER = 1, 2
+
+
 class LevelGeometry:
     """Sampling geometry of one set of level shapes (built once per shapes/device/dtype).
 
-    widths, heights, starts: (L, 1, 1) float32, broadcasting over points and corners; reference_pixels:
-    (S, 1, L, 1, 2), the reference point of every token (its own pixel centre, normalised to [0, 1] as in
-    transformers) in each level's pixel coordinates, where pixel centres sit at integers.
+    reference_pixels: (S, 1, L, 1, 2), the reference point of every token (its own pixel centre, normalised to
+    [0, 1] as in transformers) in each level's pixel coordinates, where pixel centres sit at integers.
+    The other tensors describe the zero-bordered table the samples read from, per level shaped (L, 1):
+    max_x / max_y (clamp bounds W and H), row_starts (first row of the level in the bordered table, already
+    offset by the border) and padded_widths; corner_steps (L, 1, 4) are the row steps to the four neighbours
+    in units of table rows per token (multiplied by the number of heads at use).
     """
 
     def __init__(self, spatial_shapes: list[tuple[int, int]], device: torch.device, dtype: torch.dtype) -> None:
-        def level_column(values: list[int]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.float32, device=device).view(-1, 1, 1)
+        def level_column(values: list[float]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.float32, device=device).view(-1, 1)
 
+        border = _BORDER_BEFORE + _BORDER_AFTER
         self.spatial_shapes = list(spatial_shapes)
-        self.widths = level_column([w for _, w in spatial_shapes])
-        self.heights = level_column([h for h, _ in spatial_shapes])
+        self.padded_shapes = [(h + border, w + border) for h, w in spatial_shapes]
+        self.max_x = level_column([w for _, w in spatial_shapes])
+        self.max_y = level_column([h for h, _ in spatial_shapes])
+        padded_widths = [w for _, w in self.padded_shapes]
         starts = [0]
-        for height, width in spatial_shapes[:-1]:
+        for height, width in self.padded_shapes[:-1]:
             starts.append(starts[-1] + height * width)
-        self.starts = level_column(starts)
-        self.corner_dx = torch.tensor([0.0, 1.0, 0.0, 1.0], device=device)
-        self.corner_dy = torch.tensor([0.0, 0.0, 1.0, 1.0], device=device)
+        self.padded_tokens = sum(h * w for h, w in self.padded_shapes)
+        # table index of pixel (x0, y0) = row_start + y0 * padded_width + x0, border included
+        self.row_starts = level_column([start + _BORDER_BEFORE * (width + 1)
+                                        for start, width in zip(starts, padded_widths)])
+        self.padded_widths = level_column(padded_widths)
+        self.corner_steps = torch.tensor([[0, 1, width, width + 1] for width in padded_widths],
+                                         dtype=torch.long, device=device).view(-1, 1, 4)
         references = []
         for height, width in spatial_shapes:
             ref_y, ref_x = torch.meshgrid(torch.linspace(0.5, height - 0.5, height, dtype=dtype, device=device),
@@ -104,9 +119,18 @@ class LevelGeometry:
                                           indexing="ij")
             references.append(torch.stack((ref_x.reshape(-1) / width, ref_y.reshape(-1) / height), -1))
         reference = torch.cat(references, 0)  # (S, 2)
-        level_sizes = torch.cat((self.widths, self.heights), -1).view(1, -1, 2).to(dtype)  # (1, L, 2)
+        level_sizes = torch.tensor([[w, h] for h, w in spatial_shapes], dtype=dtype, device=device)  # (L, 2)
         # grid_sample (align_corners=False) reads normalised position u at pixel u * size - 0.5
         self.reference_pixels = (reference[:, None, :] * level_sizes - 0.5)[:, None, :, None, :]
+
+    def bordered_table(self, value: torch.Tensor) -> torch.Tensor:
+        """value (B, S, heads, d) -> (B * S_padded * heads, d): every level framed by zeros."""
+        batch, _, heads, head_dim = value.shape
+        levels = value.split([h * w for h, w in self.spatial_shapes], 1)
+        padded = [F.pad(level.reshape(batch, height, width, heads * head_dim),
+                        (0, 0, _BORDER_BEFORE, _BORDER_AFTER, _BORDER_BEFORE, _BORDER_AFTER)).flatten(1, 2)
+                  for level, (height, width) in zip(levels, self.spatial_shapes)]
+        return torch.cat(padded, 1).view(-1, head_dim)
 
 
 def multi_scale_deformable_attention(value: torch.Tensor, geometry: LevelGeometry, sampling_pixels: torch.Tensor,
@@ -115,34 +139,30 @@ def multi_scale_deformable_attention(value: torch.Tensor, geometry: LevelGeometr
 
     Same result as transformers' `grid_sample` formulation (bilinear, zero padding, align_corners=False), computed
     as ONE weighted gather over all levels: each sample contributes its four neighbouring pixels with weight
-    attention x bilinear weight (zero outside the map), and `embedding_bag` sums them without materialising the
-    sampled values.
+    attention x bilinear weight, read from a copy of `value` with a zero border around each level (a sample
+    outside a level is clamped onto the border, where it reads zeros), and `embedding_bag` sums them without
+    materialising the sampled values.
 
     value: (B, S, heads, d), levels concatenated; sampling_pixels: (B, Q, heads, L, P, 2) as (x, y) in pixels of
     each level; attention_weights: (B, Q, heads, L, P). Returns (B, Q, heads * d).
     """
-    batch, tokens, heads, head_dim = value.shape
+    batch, _, heads, head_dim = value.shape
     queries = sampling_pixels.shape[1]
-    widths, heights = geometry.widths, geometry.heights
     # indices must be exact: work in float32 whatever the model dtype
     pixels = sampling_pixels.float()
-    x, y = pixels[..., 0], pixels[..., 1]  # (B, Q, heads, L, P)
+    x = pixels[..., 0].clamp(min=-1).minimum(geometry.max_x)  # (B, Q, heads, L, P)
+    y = pixels[..., 1].clamp(min=-1).minimum(geometry.max_y)
     x0, y0 = x.floor(), y.floor()
-    fx, fy = (x - x0).unsqueeze(-1), (y - y0).unsqueeze(-1)
-    dx, dy = geometry.corner_dx, geometry.corner_dy  # corners (0,0), (1,0), (0,1), (1,1)
-    xs = x0.unsqueeze(-1) + dx  # (B, Q, heads, L, P, 4)
-    ys = y0.unsqueeze(-1) + dy
-    weights = (dx * fx + (1 - dx) * (1 - fx)) * (dy * fy + (1 - dy) * (1 - fy))
-    inside = (xs >= 0) & (xs < widths) & (ys >= 0) & (ys < heights)
-    weights = weights * inside * attention_weights.float().unsqueeze(-1)
-    flat = geometry.starts + ys.clamp(min=0).minimum(heights - 1) * widths + xs.clamp(min=0).minimum(widths - 1)
-    # value as a (B * S * heads, d) table without a copy: row of (batch b, token t, head h) = (b * S + t) * heads + h
-    batch_offsets = (torch.arange(batch, device=value.device) * tokens).view(batch, 1, 1, 1, 1, 1)
-    head_index = torch.arange(heads, device=value.device).view(1, 1, heads, 1, 1, 1)
-    rows = (flat.long() + batch_offsets) * heads + head_index
-    table = value.reshape(batch * tokens * heads, head_dim)
+    fx, fy = x - x0, y - y0
+    token = (geometry.row_starts + y0 * geometry.padded_widths + x0).long()  # top-left neighbour in its batch
+    batch_head = (torch.arange(batch, device=value.device).view(batch, 1, 1, 1, 1) * geometry.padded_tokens * heads
+                  + torch.arange(heads, device=value.device).view(1, 1, heads, 1, 1))
+    rows = (token * heads + batch_head).unsqueeze(-1) + geometry.corner_steps * heads  # (B, Q, heads, L, P, 4)
+    weight_x = torch.stack((1 - fx, fx), -1)  # neighbours (x0, x0 + 1)
+    weight_y = torch.stack((1 - fy, fy), -1)
+    weights = (weight_y.unsqueeze(-1) * weight_x.unsqueeze(-2)).flatten(-2) * attention_weights.float().unsqueeze(-1)
     samples_per_query = rows.shape[3] * rows.shape[4] * rows.shape[5]
-    output = F.embedding_bag(rows.view(-1, samples_per_query), table, mode="sum",
+    output = F.embedding_bag(rows.view(-1, samples_per_query), geometry.bordered_table(value), mode="sum",
                              per_sample_weights=weights.view(-1, samples_per_query).to(value.dtype))
     return output.view(batch, queries, heads * head_dim)
 
