@@ -563,15 +563,16 @@ class Mask2FormerImageProcessor:
             if image.shape[-2] > padded_height or image.shape[-1] > padded_width:
                 raise ValueError(f"an image of {tuple(image.shape[-2:])} does not fit pad_size "
                                  f"{(padded_height, padded_width)}; raise pad_size or resize smaller")
-        pixel_values = [self._normalise(image, settings) for image in images]
         device = images[0].device
-        padded = torch.zeros((len(images), pixel_values[0].shape[0], padded_height, padded_width),
-                             dtype=pixel_values[0].dtype, device=device)  # (B, C, H, W)
+        needs_padding = any(tuple(image.shape[-2:]) != (padded_height, padded_width) for image in images)
+        allocate = torch.zeros if needs_padding else torch.empty
+        padded = allocate((len(images), images[0].shape[0], padded_height, padded_width),
+                          dtype=self._output_dtype(images[0], settings), device=device)  # (B, C, H, W)
         pixel_mask = torch.zeros((len(images), padded_height, padded_width), dtype=torch.int64,
                                  device=device)  # (B, H, W)
-        for index, values in enumerate(pixel_values):
-            height, width = values.shape[-2:]
-            padded[index, :, :height, :width] = values
+        for index, image in enumerate(images):
+            height, width = image.shape[-2:]
+            self._normalise_into(image, padded[index, :, :height, :width], settings)
             pixel_mask[index, :height, :width] = 1
         encoded = BatchFeature()
         if return_tensors == "pt":
@@ -600,8 +601,19 @@ class Mask2FormerImageProcessor:
         return encoded
 
     @staticmethod
-    def _normalise(image: torch.Tensor, settings: Mapping[str, Any]) -> torch.Tensor:
-        """Rescale and normalise in one pass: (x - mean/factor) / (std/factor), as the reference fuses it."""
+    def _output_dtype(image: torch.Tensor, settings: Mapping[str, Any]) -> torch.dtype:
+        if settings["do_normalize"]:
+            return torch.float32
+        if settings["do_rescale"]:
+            return torch.result_type(image, settings["rescale_factor"])
+        return image.dtype
+
+    @staticmethod
+    def _normalise_into(image: torch.Tensor, out: torch.Tensor, settings: Mapping[str, Any]) -> None:
+        """Writes the rescaled/normalised image into `out` (a view of the padded batch): one pass, no temporaries.
+
+        Rescale and normalise are fused as (x - mean/factor) / (std/factor), like the reference.
+        """
         if settings["do_normalize"]:
             mean, std = settings["image_mean"], settings["image_std"]
             if settings["do_rescale"]:
@@ -610,10 +622,12 @@ class Mask2FormerImageProcessor:
                 std = torch.tensor(std, device=image.device) * scale
             mean = torch.as_tensor(mean, dtype=torch.float32, device=image.device).reshape(-1, 1, 1)
             std = torch.as_tensor(std, dtype=torch.float32, device=image.device).reshape(-1, 1, 1)
-            return (image.to(torch.float32) - mean) / std
-        if settings["do_rescale"]:
-            return image * settings["rescale_factor"]
-        return image
+            torch.sub(image, mean, out=out)
+            out.div_(std)
+        elif settings["do_rescale"]:
+            torch.mul(image, settings["rescale_factor"], out=out)
+        else:
+            out.copy_(image)
 
     # ----------------------------------------------------------------------------- post-processing
     def post_process_semantic_segmentation(self, outputs: Any, target_sizes: Sequence[tuple[int, int]] | None = None,

@@ -269,11 +269,11 @@ def post_process_instance_segmentation(
             target_size=target_size,
             mask_threshold=mask_threshold if use_mask_threshold else None)
         if masks is None:
-            masks = torch.zeros((0, *output_size), dtype=torch.float32, device=mask_logits.device)
+            masks = torch.zeros((0, *output_size), dtype=torch.uint8, device=mask_logits.device)
         segments = [{"id": segment_id, "label_id": label, "was_fused": False, "score": round(score, 6)}
                     for segment_id, (label, score) in enumerate(zip(labels, scores))]
         if return_binary_maps and segments:
-            segmentation: Any = masks
+            segmentation: Any = masks.to(torch.float32)
         else:
             segmentation = _last_writer_id_map(masks)
             if return_coco_annotation:
@@ -285,7 +285,7 @@ def post_process_instance_segmentation(
 def _select_instances(class_logits: torch.Tensor, mask_logits: torch.Tensor, *, threshold: float,
                       working_size: tuple[int, int] | None, target_size: tuple[int, int] | None,
                       mask_threshold: float | None) -> tuple[torch.Tensor | None, list[int], list[float]]:
-    """One image's kept instances in the reference's order: (K, H, W) float masks, labels, scores."""
+    """One image's kept instances in the reference's order: (K, H, W) uint8 masks, labels, scores."""
     num_queries, num_classes = class_logits.shape[0], class_logits.shape[1] - 1
     class_probs = class_logits.softmax(dim=-1)[:, :-1]  # (Q, L)
     # Same call as the reference: its unsorted order is the segment order.
@@ -313,16 +313,16 @@ def _select_instances(class_logits: torch.Tensor, mask_logits: torch.Tensor, *, 
         masks = F.interpolate(masks.unsqueeze(0), size=target_size, mode="nearest")[0]
     non_empty = masks.flatten(1).any(dim=1).bool()
     kept = passing[non_empty]
-    return (masks[non_empty].to(torch.float32), top_labels[candidates[kept]].tolist(),
+    return (masks[non_empty], top_labels[candidates[kept]].tolist(),
             candidate_scores[kept].tolist())
 
 
 def _last_writer_id_map(masks: torch.Tensor) -> torch.Tensor:
     """(H, W) float32 map: for each pixel the index of the LAST mask covering it, else -1."""
-    segmentation = torch.full(masks.shape[1:], -1.0, dtype=torch.float32, device=masks.device)
-    for segment_id, mask in enumerate(masks > 0):
-        segmentation.masked_fill_(mask, float(segment_id))
-    return segmentation
+    last_writer = torch.zeros(masks.shape[1:], dtype=torch.int32, device=masks.device)  # 0 = none, k + 1 = mask k
+    for segment_id, mask in enumerate(masks):
+        torch.maximum(last_writer, (mask > 0).to(torch.int32) * (segment_id + 1), out=last_writer)
+    return last_writer.to(torch.float32) - 1
 
 
 # ---------------------------------------------------------------------------------- panoptic
@@ -379,7 +379,7 @@ def _compute_segments(mask_probs: torch.Tensor, scores: torch.Tensor, labels: to
         mask_probs = F.interpolate(mask_probs.unsqueeze(0), size=target_size, mode="bilinear",
                                    align_corners=False)[0]
     num_kept = mask_probs.shape[0]
-    mask_probs = mask_probs * scores.view(-1, 1, 1)
+    mask_probs = mask_probs.mul_(scores.view(-1, 1, 1))
     owner = _argmax_over_first_dim(mask_probs)  # (H, W) index of the owning query
     owned_area = torch.bincount(owner.flatten(), minlength=num_kept).to(torch.int32)  # (K,)
     original_area = (mask_probs >= mask_threshold).flatten(1).sum(dim=1, dtype=torch.int32)  # (K,)
