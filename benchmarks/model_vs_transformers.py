@@ -1,7 +1,8 @@
 """m2f_model against transformers 5.24 on the same weights and inputs, in one run.
 
-Prints, for each measure, the median time of both (wall clock and process CPU time), the speed
-ratio transformers / ours, the peak memory of each call, and whether the outputs agree:
+Prints, for each measure, the median wall time of both (with the fastest run and the median process
+CPU time beside it, since the machine may be shared), the speed ratios transformers / ours, the
+peak memory of each call, and whether the outputs agree:
 - forward of a Swin-T Mask2Former (transformers' config defaults, SwinConfig embed_dim 96, depths
   [2, 2, 6, 2], heads [3, 6, 12, 24], window 7, num_labels 133; random weights; built in
   transformers, saved with save_pretrained, loaded by m2f_model) at 384x384 and 800x1088, batch 1
@@ -72,8 +73,9 @@ def peak_rss_growth_mib(function: Callable[[], Any]) -> float:
 
 @dataclass
 class Timing:
-    wall_s: float
-    cpu_s: float
+    wall_s: float  # median
+    cpu_s: float  # median process CPU time (all threads)
+    min_wall_s: float  # the least disturbed run, for a shared machine
     peak_mib: float
 
 
@@ -86,14 +88,15 @@ def measure(function: Callable[[], Any], repeats: int, warmup: int = 1) -> Timin
         function()
         cpus.append(time.process_time() - cpu_start)
         walls.append(time.perf_counter() - wall_start)
-    return Timing(statistics.median(walls), statistics.median(cpus), peak_rss_growth_mib(function))
+    return Timing(statistics.median(walls), statistics.median(cpus), min(walls), peak_rss_growth_mib(function))
 
 
 def report(name: str, reference: Timing, ours: Timing, agreement: str) -> None:
-    print(f"{name:<44} transformers {reference.wall_s * 1e3:9.1f} ms (cpu {reference.cpu_s * 1e3:9.1f}) "
-          f"peak +{reference.peak_mib:7.1f} MiB | ours {ours.wall_s * 1e3:9.1f} ms (cpu {ours.cpu_s * 1e3:9.1f}) "
-          f"peak +{ours.peak_mib:7.1f} MiB | ratio wall {reference.wall_s / ours.wall_s:5.2f}x "
-          f"cpu {reference.cpu_s / ours.cpu_s:5.2f}x | {agreement}", flush=True)
+    print(f"{name:<44} transformers {reference.wall_s * 1e3:8.1f} ms (min {reference.min_wall_s * 1e3:8.1f}, cpu "
+          f"{reference.cpu_s * 1e3:8.1f}) peak +{reference.peak_mib:6.1f} MiB | ours {ours.wall_s * 1e3:8.1f} ms (min "
+          f"{ours.min_wall_s * 1e3:8.1f}, cpu {ours.cpu_s * 1e3:8.1f}) peak +{ours.peak_mib:6.1f} MiB | ratio "
+          f"{reference.wall_s / ours.wall_s:5.2f}x (min {reference.min_wall_s / ours.min_wall_s:5.2f}x, cpu "
+          f"{reference.cpu_s / ours.cpu_s:5.2f}x) | {agreement}", flush=True)
 
 
 # ------------------------------------------------------------------------------------- comparing

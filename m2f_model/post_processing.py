@@ -335,6 +335,7 @@ def post_process_panoptic_segmentation(
     target_sizes: Sequence[tuple[int, int]] | None = None,
     *,
     intermediate_size: tuple[int, int] | None = REFERENCE_INTERMEDIATE_SIZE,
+    unique_segment_ids: bool = False,
 ) -> list[dict]:
     """Per image {"segmentation", "segments_info"}, as transformers' panoptic post-processor.
 
@@ -344,6 +345,9 @@ def post_process_panoptic_segmentation(
     the pixels where its weighted probability >= `mask_threshold`. Ids start at 1 (0 = none, int32
     map); classes in `label_ids_to_fuse` share one id per class (one segments_info entry per fused
     query, was_fused=True). No query left: a float32 map of -1 and no segments.
+
+    Like transformers, the segment after a reused fused id counts on from that id and can collide
+    with an earlier segment's id; `unique_segment_ids=True` gives every new segment a fresh id.
     """
     if label_ids_to_fuse is None:
         logger.warning("`label_ids_to_fuse` unset. No instance will be fused.")
@@ -366,14 +370,15 @@ def post_process_panoptic_segmentation(
         scores, labels = top_probs[index][keep], top_labels[index][keep]
         segmentation, segments = _compute_segments(
             mask_probs, scores, labels, mask_threshold, overlap_mask_area_threshold, label_ids_to_fuse,
-            target_size if working_size != target_size else None)
+            target_size if working_size != target_size else None, unique_segment_ids)
         results.append({"segmentation": segmentation, "segments_info": segments})
     return results
 
 
 def _compute_segments(mask_probs: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, mask_threshold: float,
                       overlap_mask_area_threshold: float, label_ids_to_fuse: set[int],
-                      target_size: tuple[int, int] | None) -> tuple[torch.Tensor, list[dict]]:
+                      target_size: tuple[int, int] | None,
+                      unique_segment_ids: bool = False) -> tuple[torch.Tensor, list[dict]]:
     """Pixel ownership by weighted argmax, then the reference's per-query keep/fuse rules on counts."""
     if target_size is not None:
         mask_probs = F.interpolate(mask_probs.unsqueeze(0), size=target_size, mode="bilinear",
@@ -389,7 +394,7 @@ def _compute_segments(mask_probs: torch.Tensor, scores: torch.Tensor, labels: to
     segment_of_query = [0] * num_kept
     segments: list[dict] = []
     fused_segment_of_label: dict[int, int] = {}
-    current_segment_id = 0
+    current_segment_id = largest_segment_id = 0
     for k in range(num_kept):
         label = label_list[k]
         should_fuse = label in label_ids_to_fuse
@@ -398,7 +403,8 @@ def _compute_segments(mask_probs: torch.Tensor, scores: torch.Tensor, labels: to
         if label in fused_segment_of_label:
             current_segment_id = fused_segment_of_label[label]
         else:
-            current_segment_id += 1
+            current_segment_id = (largest_segment_id if unique_segment_ids else current_segment_id) + 1
+        largest_segment_id = max(largest_segment_id, current_segment_id)
         segment_of_query[k] = current_segment_id
         segments.append({"id": current_segment_id, "label_id": label, "was_fused": should_fuse,
                          "score": round(score_list[k], 6)})

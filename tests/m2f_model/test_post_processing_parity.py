@@ -229,6 +229,11 @@ def test_panoptic_id_after_a_fused_segment_collides_like_transformers(reference,
     assert_identical(expected, actual)
     assert [(s["id"], s["label_id"], s["was_fused"]) for s in actual[0]["segments_info"]] == [
         (1, 0, True), (2, 1, False), (1, 0, True), (2, 2, False)]
+    fixed = post_processing.post_process_panoptic_segmentation(outputs, label_ids_to_fuse={0},
+                                                               unique_segment_ids=True)[0]
+    assert [(s["id"], s["label_id"]) for s in fixed["segments_info"]] == [(1, 0), (2, 1), (1, 0), (3, 2)]
+    assert fixed["segmentation"][0, 0] == 1 and fixed["segmentation"][0, -1] == 2
+    assert fixed["segmentation"][-1, 0] == 1 and fixed["segmentation"][-1, -1] == 3
 
 
 # ------------------------------------------------------------------------------------ shared
