@@ -192,3 +192,29 @@ def test_fresh_model_initialisation_follows_transformers_distributions(model_con
     assert deformable.sampling_offsets.bias.abs().max().item() == 4.0  # rays out to n_points pixels
     assert abs(model.class_predictor.weight.std().item() - 0.02) < 0.005
     assert model.criterion.empty_weight[-1].item() == pytest.approx(0.1)
+
+
+def test_deformable_sampling_equals_transformers_grid_sample_at_borders_and_far_outside():
+    from transformers.models.mask2former.modeling_mask2former import multi_scale_deformable_attention as reference
+
+    from m2f_model.pixel_decoder import LevelGeometry, multi_scale_deformable_attention
+
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(3, 5), (6, 10), (12, 19)]
+    batch, heads, head_dim, points = 2, 2, 4, 4
+    tokens = sum(h * w for h, w in shapes)
+    value = torch.randn(batch, tokens, heads, head_dim, generator=generator)
+    weights = torch.rand(batch, tokens, heads, len(shapes), points, generator=generator)
+    geometry = LevelGeometry(shapes, torch.device("cpu"), torch.float32)
+    # offsets in pixels: random, exact borders (-0.5 / size - 0.5 from a pixel centre), integers, far outside
+    offsets = 8 * torch.randn(batch, tokens, heads, len(shapes), points, 2, generator=generator)
+    offsets[..., 0, :] = torch.randint(-3, 4, offsets[..., 0, :].shape, generator=generator).float()
+    offsets[..., 1, :] = 1000.0
+    sampling_pixels = geometry.reference_pixels + offsets
+    sizes = torch.tensor([[w, h] for h, w in shapes], dtype=torch.float32)[:, None, :]  # (L, 1, 2)
+    sampling_locations = (sampling_pixels + 0.5) / sizes  # transformers' normalised locations
+
+    expected = reference(value, shapes, sampling_locations, weights)
+    actual = multi_scale_deformable_attention(value, geometry, sampling_pixels, weights)
+
+    assert torch.allclose(actual, expected, atol=1e-5), (actual - expected).abs().max()
