@@ -93,13 +93,13 @@ def _upsample_rows(mask_logits: torch.Tensor, size: tuple[int, int] | None) -> t
     return _upsample(mask_logits.unsqueeze(0), size)[0]
 
 
-def _row_sums(values: torch.Tensor) -> torch.Tensor:
-    """Sum over dim 1 of (K, n), summed in the same order as for a many-row tensor.
+def _row_sums(values: torch.Tensor, reference_rows: int) -> torch.Tensor:
+    """Sum over dim 1 of (K, n), in the order torch uses for the reference's `reference_rows` rows.
 
-    torch reduces a single output in parallel chunks but several outputs row by row; the reference
-    sums many rows, so a lone row is duplicated to keep the same summation order (bitwise equal).
+    torch reduces a single output in parallel chunks but several outputs row by row; when the
+    reference sums several rows, a lone row is duplicated to keep that summation order (bitwise equal).
     """
-    if values.shape[0] == 1:
+    if values.shape[0] == 1 and reference_rows > 1:
         return values.expand(2, -1).sum(1)[:1]
     return values.sum(1)
 
@@ -302,7 +302,8 @@ def _select_instances(class_logits: torch.Tensor, mask_logits: torch.Tensor, *, 
     inside = (probs > mask_threshold if mask_threshold is not None else logits > 0).flatten(1)  # (U, h*w)
     # where(inside, p, 0) holds the same values as the reference's p * float(inside): same sums.
     areas = inside.sum(dim=1, dtype=torch.int32).to(probs.dtype)
-    mean_mask_probs = _row_sums(torch.where(inside, probs.flatten(1), 0.0)) / (areas + 1e-6)  # (U,)
+    inside_probs = torch.where(inside, probs.flatten(1), 0.0)
+    mean_mask_probs = _row_sums(inside_probs, num_queries) / (areas + 1e-6)  # (U,)
     candidate_scores = top_scores[candidates] * mean_mask_probs[row_of_candidate]
     # The reference compares Python floats: compare in float64 so a float32 threshold rounding can't differ.
     passing = torch.nonzero(candidate_scores.double() >= threshold).flatten()
@@ -362,7 +363,8 @@ def post_process_panoptic_segmentation(
         if not bool(keep.any()):
             height, width = sizes[index] if sizes is not None else (
                 intermediate_size if intermediate_size is not None else tuple(mask_logits.shape[-2:]))
-            results.append({"segmentation": torch.zeros((height, width)) - 1, "segments_info": []})
+            results.append({"segmentation": torch.full((height, width), -1.0, device=mask_logits.device),
+                            "segments_info": []})
             continue
         target_size = sizes[index] if sizes is not None else None
         working_size = intermediate_size if intermediate_size is not None else target_size

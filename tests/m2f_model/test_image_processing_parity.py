@@ -291,3 +291,13 @@ def test_same_shape_images_are_resized_as_one_batch_with_the_same_result():
     together = processor([images[0], images[2]])["pixel_values"]
     apart = torch.cat([processor(images[0])["pixel_values"], processor(images[2])["pixel_values"]])
     assert torch.equal(together, apart)
+
+
+def test_batch_feature_moves_tensors_and_keeps_integer_dtypes():
+    encoded = Mask2FormerImageProcessor(size={"height": 32, "width": 32}, ignore_index=255)(
+        _images()[:2], segmentation_maps=_semantic_maps()[:2])
+    moved = encoded.to(torch.float64)
+    assert moved.pixel_values.dtype == torch.float64 and moved["mask_labels"][0].dtype == torch.float64
+    assert moved.pixel_mask.dtype == torch.int64 and moved["class_labels"][0].dtype == torch.int64
+    with pytest.raises(AttributeError):
+        encoded.missing_key

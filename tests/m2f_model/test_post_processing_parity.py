@@ -165,6 +165,14 @@ def test_instance_ids_start_at_zero_with_minus_one_background(ours):
     assert all(segment["was_fused"] is False for segment in result["segments_info"])
 
 
+@pytest.mark.parametrize("queries", [1, 2, 3])
+def test_instance_segmentation_with_very_few_queries_matches_transformers(reference, ours, queries):
+    outputs = random_outputs(11, queries=queries, confident_fraction=1.0)
+    for threshold in (0.0, 0.3):
+        assert_identical(reference.post_process_instance_segmentation(outputs, threshold=threshold),
+                         ours.post_process_instance_segmentation(outputs, threshold=threshold))
+
+
 def test_instance_segmentation_with_both_output_flags_is_rejected(ours):
     with pytest.raises(ValueError, match="both"):
         ours.post_process_instance_segmentation(random_outputs(0), return_coco_annotation=True,
@@ -257,6 +265,30 @@ def test_transformers_output_objects_are_accepted(reference, ours):
                                                         masks_queries_logits=raw.masks_queries_logits)
     assert_identical(reference.post_process_panoptic_segmentation(outputs, label_ids_to_fuse={1}),
                      ours.post_process_panoptic_segmentation(outputs, label_ids_to_fuse={1}))
+
+
+def test_post_processing_of_a_real_forward_matches_transformers(tiny_checkpoint, reference, ours):
+    from m2f_model import Mask2FormerForUniversalSegmentation
+
+    model = Mask2FormerForUniversalSegmentation.from_pretrained(tiny_checkpoint).eval()
+    processor = Mask2FormerImageProcessor.from_pretrained(tiny_checkpoint)
+    images = [torch.randint(0, 256, (3, 48, 80), dtype=torch.uint8, generator=torch.Generator().manual_seed(i))
+              for i in range(2)]
+    with torch.no_grad():
+        outputs = model(**processor(images))
+    target_sizes = [(48, 80), (48, 80)]
+    assert_identical(reference.post_process_semantic_segmentation(outputs, target_sizes=target_sizes),
+                     ours.post_process_semantic_segmentation(outputs, target_sizes=target_sizes))
+    for threshold in (0.0, 0.2):
+        assert_identical(reference.post_process_instance_segmentation(outputs, threshold=threshold,
+                                                                      target_sizes=target_sizes),
+                         ours.post_process_instance_segmentation(outputs, threshold=threshold,
+                                                                 target_sizes=target_sizes))
+        assert_identical(reference.post_process_panoptic_segmentation(outputs, threshold=threshold,
+                                                                      label_ids_to_fuse={3, 4},
+                                                                      target_sizes=target_sizes),
+                         ours.post_process_panoptic_segmentation(outputs, threshold=threshold,
+                                                                 label_ids_to_fuse={3, 4}, target_sizes=target_sizes))
 
 
 def test_wrong_target_sizes_or_outputs_are_rejected_with_a_reason(ours):
