@@ -11,6 +11,7 @@ sampling offsets are normalised by each level's (W, H), and the FPN upsampling i
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -98,6 +99,7 @@ class LevelGeometry:
 
         border = _BORDER_BEFORE + _BORDER_AFTER
         self.spatial_shapes = list(spatial_shapes)
+        self._tables: dict[tuple, torch.Tensor] = {}
         self.padded_shapes = [(h + border, w + border) for h, w in spatial_shapes]
         self.max_x = level_column([w for _, w in spatial_shapes])
         self.max_y = level_column([h for h, _ in spatial_shapes])
@@ -124,13 +126,30 @@ class LevelGeometry:
         self.reference_pixels = (reference[:, None, :] * level_sizes - 0.5)[:, None, :, None, :]
 
     def bordered_table(self, value: torch.Tensor) -> torch.Tensor:
-        """value (B, S, heads, d) -> (B * S_padded * heads, d): every level framed by zeros."""
+        """value (B, S, heads, d) -> (B * S_padded * heads, d): every level framed by zeros.
+
+        Without autograd the zero-framed buffer is reused between layers and calls of the same thread (only the
+        interiors are written).
+        """
         batch, _, heads, head_dim = value.shape
+        channels = heads * head_dim
+        reusable = not (torch.is_grad_enabled() and value.requires_grad)
+        key = (batch, channels, value.dtype, value.device, threading.get_ident())
+        table = self._tables.get(key) if reusable else None
+        if table is None:
+            table = value.new_zeros(batch, self.padded_tokens, channels)
+            if reusable:
+                self._tables = {key: table}
+        start = 0
         levels = value.split([h * w for h, w in self.spatial_shapes], 1)
-        padded = [F.pad(level.reshape(batch, height, width, heads * head_dim),
-                        (0, 0, _BORDER_BEFORE, _BORDER_AFTER, _BORDER_BEFORE, _BORDER_AFTER)).flatten(1, 2)
-                  for level, (height, width) in zip(levels, self.spatial_shapes)]
-        return torch.cat(padded, 1).view(-1, head_dim)
+        for level, (height, width), (padded_height, padded_width) in zip(levels, self.spatial_shapes,
+                                                                         self.padded_shapes):
+            frame = table[:, start:start + padded_height * padded_width].view(batch, padded_height, padded_width,
+                                                                              channels)
+            frame[:, _BORDER_BEFORE:_BORDER_BEFORE + height, _BORDER_BEFORE:_BORDER_BEFORE + width] = \
+                level.reshape(batch, height, width, channels)
+            start += padded_height * padded_width
+        return table.view(-1, head_dim)
 
 
 def multi_scale_deformable_attention(value: torch.Tensor, geometry: LevelGeometry, sampling_pixels: torch.Tensor,
@@ -154,15 +173,21 @@ def multi_scale_deformable_attention(value: torch.Tensor, geometry: LevelGeometr
     y = pixels[..., 1].clamp(min=-1).minimum(geometry.max_y)
     x0, y0 = x.floor(), y.floor()
     fx, fy = x - x0, y - y0
-    token = (geometry.row_starts + y0 * geometry.padded_widths + x0).long()  # top-left neighbour in its batch
-    batch_head = (torch.arange(batch, device=value.device).view(batch, 1, 1, 1, 1) * geometry.padded_tokens * heads
-                  + torch.arange(heads, device=value.device).view(1, 1, heads, 1, 1))
-    rows = (token * heads + batch_head).unsqueeze(-1) + geometry.corner_steps * heads  # (B, Q, heads, L, P, 4)
-    weight_x = torch.stack((1 - fx, fx), -1)  # neighbours (x0, x0 + 1)
+    table = geometry.bordered_table(value)
+    index_dtype = torch.int32 if table.shape[0] < 2 ** 31 else torch.int64
+    token = (geometry.row_starts + y0 * geometry.padded_widths + x0).to(index_dtype)  # top-left neighbour
+    batch_head = (torch.arange(batch, device=value.device, dtype=index_dtype).view(batch, 1, 1, 1, 1)
+                  * (geometry.padded_tokens * heads)
+                  + torch.arange(heads, device=value.device, dtype=index_dtype).view(1, 1, heads, 1, 1))
+    corner_steps = (geometry.corner_steps * heads).to(index_dtype)  # (L, 1, 4)
+    rows = (token * heads + batch_head).unsqueeze(-1) + corner_steps  # (B, Q, heads, L, P, 4)
+    # bilinear weights of neighbours (x0, y0), (x0+1, y0), (x0, y0+1), (x0+1, y0+1), times the attention weight
+    attention = attention_weights.float()
+    weight_x = torch.stack((attention - attention * fx, attention * fx), -1)
     weight_y = torch.stack((1 - fy, fy), -1)
-    weights = (weight_y.unsqueeze(-1) * weight_x.unsqueeze(-2)).flatten(-2) * attention_weights.float().unsqueeze(-1)
+    weights = (weight_y.unsqueeze(-1) * weight_x.unsqueeze(-2)).flatten(-2)
     samples_per_query = rows.shape[3] * rows.shape[4] * rows.shape[5]
-    output = F.embedding_bag(rows.view(-1, samples_per_query), geometry.bordered_table(value), mode="sum",
+    output = F.embedding_bag(rows.view(-1, samples_per_query), table, mode="sum",
                              per_sample_weights=weights.view(-1, samples_per_query).to(value.dtype))
     return output.view(batch, queries, heads * head_dim)
 
