@@ -19,6 +19,7 @@ from torch import nn
 
 from .configuration import Mask2FormerConfig
 from .outputs import Mask2FormerPixelDecoderOutput
+from .swin import remember
 
 __all__ = [
     "Mask2FormerSinePositionEmbedding",
@@ -69,7 +70,7 @@ class Mask2FormerSinePositionEmbedding(nn.Module):
         pos_x = torch.stack((pos_x[:, :, 0::2].sin(), pos_x[:, :, 1::2].cos()), dim=3).flatten(2)
         pos_y = torch.stack((pos_y[:, :, 0::2].sin(), pos_y[:, :, 1::2].cos()), dim=3).flatten(2)
         embedding = torch.cat((pos_y, pos_x), dim=2).permute(2, 0, 1).contiguous()
-        self._cache[key] = embedding
+        remember(self._cache, key, embedding)
         return embedding
 
     def forward(self, shape: torch.Size, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -262,7 +263,7 @@ class Mask2FormerPixelDecoderEncoderOnly(nn.Module):
                  ) -> LevelGeometry:
         key = (tuple(spatial_shapes), device, dtype)
         if key not in self._geometry_cache:
-            self._geometry_cache[key] = LevelGeometry(spatial_shapes, device, dtype)
+            remember(self._geometry_cache, key, LevelGeometry(spatial_shapes, device, dtype))
         return self._geometry_cache[key]
 
     def forward(self, inputs_embeds: torch.Tensor, position_embeddings: torch.Tensor,

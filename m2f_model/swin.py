@@ -25,6 +25,16 @@ from .configuration import SwinConfig
 __all__ = ["SwinBackbone"]
 
 _SHIFT_MASK_VALUE = -100.0
+# Per-shape caches keep this many entries: a pipeline resizing images keeping their aspect ratio sees many shapes.
+SHAPE_CACHE_SIZE = 8
+
+
+def remember(cache: dict, key: object, value: object, limit: int = SHAPE_CACHE_SIZE) -> object:
+    """Stores value under key, dropping the oldest entries beyond `limit`; returns value."""
+    cache[key] = value
+    while len(cache) > limit:
+        del cache[next(iter(cache))]
+    return value
 
 
 def _activation(name: str) -> nn.Module:
@@ -235,7 +245,7 @@ class SwinBlock(nn.Module):
                 mask = shifted_window_mask(height + (-height) % self.window_size, width + (-width) % self.window_size,
                                            self.window_size, self.shift_size, device, dtype)
             cached = (gather, scatter, mask)
-            self._geometry[key] = cached
+            remember(self._geometry, key, cached)
         return cached
 
     def forward(self, hidden_states: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:

@@ -218,3 +218,21 @@ def test_deformable_sampling_equals_transformers_grid_sample_at_borders_and_far_
     actual = multi_scale_deformable_attention(value, geometry, sampling_pixels, weights)
 
     assert torch.allclose(actual, expected, atol=1e-5), (actual - expected).abs().max()
+
+
+def test_shape_caches_stay_bounded_and_do_not_leak_results_between_sizes(model_config_kwargs):
+    from m2f_model.swin import SHAPE_CACHE_SIZE
+
+    torch.manual_seed(0)
+    model = m2f_model.Mask2FormerForUniversalSegmentation(m2f_model.Mask2FormerConfig(**model_config_kwargs())).eval()
+    first_image = torch.randn(1, 3, 40, 56)
+    with torch.no_grad():
+        first = model(first_image).masks_queries_logits
+        for size in range(33, 33 + SHAPE_CACHE_SIZE + 3):
+            model(torch.randn(1, 3, size, size + 5))
+        again = model(first_image).masks_queries_logits
+
+    assert torch.equal(first, again)
+    block = model.model.pixel_level_module.encoder.encoder.layers[0].blocks[0]
+    assert len(block._geometry) <= SHAPE_CACHE_SIZE
+    assert len(model.model.pixel_level_module.decoder.encoder._geometry_cache) <= SHAPE_CACHE_SIZE
