@@ -14,9 +14,10 @@ peak memory of each call, and whether the outputs agree:
   class, the rest confident "no object".
 
 Peak memory: the growth of the process's peak resident set size (VmHWM, reset through
-/proc/self/clear_refs before each call) during one call. glibc's mmap threshold is pinned at
-128 KiB (the script re-executes itself with MALLOC_MMAP_THRESHOLD_ set) so every freed tensor goes
-back to the OS and the next call's peak is its own.
+/proc/self/clear_refs before each call) during one call, measured in a child process run first
+with glibc's mmap threshold pinned at 128 KiB (MALLOC_MMAP_THRESHOLD_), so that every freed
+tensor goes back to the OS and each call's peak is its own. Timing runs in this process with the
+default allocator (a pinned threshold makes every large allocation page-fault afresh).
 
 Usage: python benchmarks/model_vs_transformers.py [--quick] [--skip-forward] [--repeats N]
 """
@@ -34,17 +35,15 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
-MMAP_THRESHOLD_ENV = "MALLOC_MMAP_THRESHOLD_"
-
-if __name__ == "__main__" and MMAP_THRESHOLD_ENV not in os.environ:
-    os.environ[MMAP_THRESHOLD_ENV] = "131072"
-    os.execv(sys.executable, [sys.executable, *sys.argv])
+import json
+import subprocess
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+MMAP_THRESHOLD_ENV = "MALLOC_MMAP_THRESHOLD_"
 NUM_THREADS = 2
 COCO_PANOPTIC_LABELS = 133
 COCO_THING_LABELS = 80
@@ -76,27 +75,69 @@ class Timing:
     wall_s: float  # median
     cpu_s: float  # median process CPU time (all threads)
     min_wall_s: float  # the least disturbed run, for a shared machine
-    peak_mib: float
 
 
-def measure(function: Callable[[], Any], repeats: int, warmup: int = 1) -> Timing:
+def measure_pair(reference: Callable[[], Any], ours: Callable[[], Any], repeats: int,
+                 warmup: int = 1) -> tuple[Timing, Timing]:
+    """Times both, alternating run by run so that load changes on a shared machine hit both alike."""
     for _ in range(warmup):
-        function()
-    walls, cpus = [], []
+        reference()
+        ours()
+    samples: dict[int, tuple[list[float], list[float]]] = {0: ([], []), 1: ([], [])}
     for _ in range(repeats):
-        wall_start, cpu_start = time.perf_counter(), time.process_time()
-        function()
-        cpus.append(time.process_time() - cpu_start)
-        walls.append(time.perf_counter() - wall_start)
-    return Timing(statistics.median(walls), statistics.median(cpus), min(walls), peak_rss_growth_mib(function))
+        for side, function in enumerate((reference, ours)):
+            wall_start, cpu_start = time.perf_counter(), time.process_time()
+            function()
+            samples[side][1].append(time.process_time() - cpu_start)
+            samples[side][0].append(time.perf_counter() - wall_start)
+    timings = []
+    for side in (0, 1):
+        walls, cpus = samples[side]
+        timings.append(Timing(statistics.median(walls), statistics.median(cpus), min(walls)))
+    return timings[0], timings[1]
 
 
-def report(name: str, reference: Timing, ours: Timing, agreement: str) -> None:
-    print(f"{name:<44} transformers {reference.wall_s * 1e3:8.1f} ms (min {reference.min_wall_s * 1e3:8.1f}, cpu "
-          f"{reference.cpu_s * 1e3:8.1f}) peak +{reference.peak_mib:6.1f} MiB | ours {ours.wall_s * 1e3:8.1f} ms (min "
-          f"{ours.min_wall_s * 1e3:8.1f}, cpu {ours.cpu_s * 1e3:8.1f}) peak +{ours.peak_mib:6.1f} MiB | ratio "
-          f"{reference.wall_s / ours.wall_s:5.2f}x (min {reference.min_wall_s / ours.min_wall_s:5.2f}x, cpu "
-          f"{reference.cpu_s / ours.cpu_s:5.2f}x) | {agreement}", flush=True)
+class Bench:
+    """Runs each comparison either for peak memory (child process) or for time (and prints the report)."""
+
+    def __init__(self, *, memory_child: bool, peaks: dict[str, list[float]] | None = None) -> None:
+        self.memory_child = memory_child
+        self.peaks = peaks or {}
+
+    def compare(self, name: str, reference: Callable[[], Any], ours: Callable[[], Any], agreement: str, *,
+                repeats: int, warmup: int = 1) -> None:
+        if self.memory_child:
+            for _ in range(warmup):
+                reference()
+                ours()
+            print(json.dumps({"name": name, "peaks": [peak_rss_growth_mib(reference), peak_rss_growth_mib(ours)]}),
+                  flush=True)
+            return
+        reference_timing, our_timing = measure_pair(reference, ours, repeats, warmup)
+        reference_peak, our_peak = self.peaks.get(name, [float("nan"), float("nan")])
+        print(f"{name:<44} transformers {reference_timing.wall_s * 1e3:8.1f} ms (min "
+              f"{reference_timing.min_wall_s * 1e3:8.1f}, cpu {reference_timing.cpu_s * 1e3:8.1f}) peak "
+              f"+{reference_peak:6.1f} MiB | ours {our_timing.wall_s * 1e3:8.1f} ms (min "
+              f"{our_timing.min_wall_s * 1e3:8.1f}, cpu {our_timing.cpu_s * 1e3:8.1f}) peak +{our_peak:6.1f} MiB "
+              f"| ratio {reference_timing.wall_s / our_timing.wall_s:5.2f}x (min "
+              f"{reference_timing.min_wall_s / our_timing.min_wall_s:5.2f}x, cpu "
+              f"{reference_timing.cpu_s / our_timing.cpu_s:5.2f}x) | {agreement}", flush=True)
+
+
+def measure_peaks_in_child(arguments: list[str]) -> dict[str, list[float]]:
+    """Runs this script with --memory-child under a pinned mmap threshold; returns name -> [theirs, ours]."""
+    environment = dict(os.environ, **{MMAP_THRESHOLD_ENV: "131072"})
+    completed = subprocess.run([sys.executable, os.path.abspath(__file__), *arguments, "--memory-child"],
+                               env=environment, capture_output=True, text=True)
+    if completed.returncode != 0:
+        print(f"memory child failed ({completed.returncode}); peaks left out:\n{completed.stderr[-2000:]}",
+              flush=True)
+    peaks = {}
+    for line in completed.stdout.splitlines():
+        if line.startswith("{"):
+            record = json.loads(line)
+            peaks[record["name"]] = record["peaks"]
+    return peaks
 
 
 # ------------------------------------------------------------------------------------- comparing
@@ -163,7 +204,8 @@ def swin_tiny_config(transformers_module: Any) -> Any:
 
 
 # ------------------------------------------------------------------------------------- measures
-def bench_forward(transformers_module: Any, sizes: list[tuple[int, int]], batches: list[int], repeats: int) -> None:
+def bench_forward(bench: Bench, transformers_module: Any, sizes: list[tuple[int, int]], batches: list[int],
+                  repeats: int) -> None:
     from m2f_model import Mask2FormerForUniversalSegmentation
 
     torch.manual_seed(0)
@@ -176,21 +218,24 @@ def bench_forward(transformers_module: Any, sizes: list[tuple[int, int]], batche
         for batch in batches:
             pixel_values = torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(1))
             with torch.inference_mode():
-                expected = reference_model(pixel_values=pixel_values)
-                actual = our_model(pixel_values=pixel_values)
-                difference = max(max_abs_difference(expected.class_queries_logits, actual.class_queries_logits),
-                                 max_abs_difference(expected.masks_queries_logits, actual.masks_queries_logits))
-                del expected, actual
+                agreement = "max |diff| logits not compared (memory run)"
+                if not bench.memory_child:
+                    expected = reference_model(pixel_values=pixel_values)
+                    actual = our_model(pixel_values=pixel_values)
+                    difference = max(
+                        max_abs_difference(expected.class_queries_logits, actual.class_queries_logits),
+                        max_abs_difference(expected.masks_queries_logits, actual.masks_queries_logits))
+                    agreement = f"max |diff| logits {difference:.2e}"
+                    del expected, actual
+                # The agreement check above already warmed both models up.
                 big = height * width * batch > 2 * 800 * 1088
-                runs = max(1, repeats // 3) if big else repeats
-                warmup = 0 if big else 1
-                reference_timing = measure(lambda: reference_model(pixel_values=pixel_values), runs, warmup)
-                our_timing = measure(lambda: our_model(pixel_values=pixel_values), runs, warmup)
-            report(f"forward {height}x{width} batch {batch}", reference_timing, our_timing,
-                   f"max |diff| logits {difference:.2e}")
+                bench.compare(f"forward {height}x{width} batch {batch}",
+                              lambda: reference_model(pixel_values=pixel_values),
+                              lambda: our_model(pixel_values=pixel_values), agreement,
+                              repeats=max(1, repeats // 3) if big else repeats, warmup=0)
 
 
-def bench_preprocessing(transformers_module: Any, repeats: int) -> None:
+def bench_preprocessing(bench: Bench, transformers_module: Any, repeats: int) -> None:
     from PIL import Image
 
     from m2f_model.image_processing import Mask2FormerImageProcessor
@@ -204,13 +249,13 @@ def bench_preprocessing(transformers_module: Any, repeats: int) -> None:
         expected = reference(image, return_tensors="pt")
         difference = max_abs_difference(expected["pixel_values"], our_result["pixel_values"])
         masks_equal = torch.equal(expected["pixel_mask"], our_result["pixel_mask"])
-        report(f"preprocess 640x480 -> 800x1088 vs {name}",
-               measure(lambda: reference(image, return_tensors="pt"), repeats * 5),
-               measure(lambda: ours(image, return_tensors="pt"), repeats * 5),
-               f"pixel_values max |diff| {difference:.2e}, pixel_mask equal {masks_equal}")
+        bench.compare(f"preprocess 640x480 -> 800x1088 vs {name}", lambda: reference(image, return_tensors="pt"),
+                      lambda: ours(image, return_tensors="pt"),
+                      f"pixel_values max |diff| {difference:.2e}, pixel_mask equal {masks_equal}",
+                      repeats=repeats * 5)
 
 
-def bench_post_processing(transformers_module: Any, repeats: int) -> None:
+def bench_post_processing(bench: Bench, transformers_module: Any, repeats: int) -> None:
     import m2f_model.post_processing as post_processing
 
     transformers_module.logging.set_verbosity_error()
@@ -231,8 +276,8 @@ def bench_post_processing(transformers_module: Any, repeats: int) -> None:
         difference = max_abs_difference(expected, actual)
         segments = len(expected[0]["segments_info"]) if isinstance(expected[0], dict) else "-"
         options = ",".join(key for key in kwargs if key != "target_sizes") or "defaults"
-        report(f"{method.replace('post_process_', '')} ({options})", measure(reference_call, repeats),
-               measure(our_call, repeats), f"outputs equal {difference == 0.0} (segments {segments})")
+        bench.compare(f"{method.replace('post_process_', '')} ({options})", reference_call, our_call,
+                      f"outputs equal {difference == 0.0} (segments {segments})", repeats=repeats)
 
 
 def main() -> None:
@@ -240,20 +285,29 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="384x384 batch 1 forward only, fewer repeats")
     parser.add_argument("--skip-forward", action="store_true", help="only pre- and post-processing")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per measure (median reported)")
+    parser.add_argument("--skip-memory", action="store_true", help="no peak-memory child run")
+    parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     arguments = parser.parse_args()
     torch.set_num_threads(NUM_THREADS)
     repeats = arguments.repeats or (3 if arguments.quick else 7)
 
     import transformers
 
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {NUM_THREADS} threads, "
-          f"median of {repeats} after warm-up; ratio = transformers time / ours", flush=True)
-    bench_preprocessing(transformers, repeats)
-    bench_post_processing(transformers, repeats)
+    peaks: dict[str, list[float]] = {}
+    if not arguments.memory_child:
+        if not arguments.skip_memory:
+            forwarded = [flag for flag, on in (("--quick", arguments.quick), ("--skip-forward", arguments.skip_forward))
+                         if on]
+            peaks = measure_peaks_in_child(forwarded)
+        print(f"torch {torch.__version__}, transformers {transformers.__version__}, {NUM_THREADS} threads, "
+              f"median of {repeats} after warm-up; ratio = transformers time / ours", flush=True)
+    bench = Bench(memory_child=arguments.memory_child, peaks=peaks)
+    bench_preprocessing(bench, transformers, repeats)
+    bench_post_processing(bench, transformers, repeats)
     if not arguments.skip_forward:
         sizes = [(384, 384)] if arguments.quick else [(384, 384), (800, 1088)]
         batches = [1] if arguments.quick else [1, 4]
-        bench_forward(transformers, sizes, batches, repeats)
+        bench_forward(bench, transformers, sizes, batches, repeats)
 
 
 if __name__ == "__main__":

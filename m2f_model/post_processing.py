@@ -189,9 +189,24 @@ def _semantic_map_at(class_probs: torch.Tensor, mask_logits: torch.Tensor, size:
     return _argmax_over_likely_classes(scores, None)
 
 
+def _max_over_first_dim(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`values.max(0)` of (C, H, W) as (best values, first index of the best), one (H, W) plane at a time.
+
+    A running maximum over planes that stay in cache beats torch's strided reduction over dim 0 by
+    about 2x on CPU; strict `>` keeps the first index on ties, as argmax does.
+    """
+    best = values[0].clone()
+    index = torch.zeros(values.shape[1:], dtype=torch.int64, device=values.device)
+    for plane_index in range(1, values.shape[0]):
+        plane = values[plane_index]
+        index.masked_fill_(plane > best, plane_index)
+        torch.maximum(best, plane, out=best)
+    return best, index
+
+
 def _argmax_over_first_dim(values: torch.Tensor) -> torch.Tensor:
-    """`values.argmax(0)` for (C, H, W), through a channels-last copy: several times faster, same first-max."""
-    return values.permute(1, 2, 0).contiguous().argmax(dim=-1)
+    """`values.argmax(0)` for (C, H, W)."""
+    return _max_over_first_dim(values)[1]
 
 
 # Slack on class upper bounds for float rounding in bilinear resizing (weights summing to 1 +- ulps).
@@ -216,7 +231,7 @@ def _argmax_over_likely_classes(scores: torch.Tensor, target_size: tuple[int, in
         if target_size is not None:
             candidate_scores = F.interpolate(candidate_scores[None], size=target_size, mode="bilinear",
                                              align_corners=False)[0]
-        best_scores, best = candidate_scores.permute(1, 2, 0).contiguous().max(dim=-1)  # (H, W) each
+        best_scores, best = _max_over_first_dim(candidate_scores)  # (H, W) each
         others = torch.ones(num_classes, dtype=torch.bool, device=scores.device)
         others[candidates] = False
         contenders = torch.nonzero(others & (class_maxima >= best_scores.min())).flatten()
@@ -389,7 +404,8 @@ def _compute_segments(mask_probs: torch.Tensor, scores: torch.Tensor, labels: to
     mask_probs = mask_probs.mul_(scores.view(-1, 1, 1))
     owner = _argmax_over_first_dim(mask_probs)  # (H, W) index of the owning query
     owned_area = torch.bincount(owner.flatten(), minlength=num_kept).to(torch.int32)  # (K,)
-    original_area = (mask_probs >= mask_threshold).flatten(1).sum(dim=1, dtype=torch.int32)  # (K,)
+    original_area = torch.stack([torch.count_nonzero(probs >= mask_threshold) for probs in mask_probs]
+                                ).to(torch.int32)  # (K,), plane by plane: cache-friendly
     area_ratio = owned_area / original_area  # float32, as the reference divides the two counts
     owned_list, original_list, ratio_list = owned_area.tolist(), original_area.tolist(), area_ratio.tolist()
     label_list, score_list = labels.tolist(), scores.tolist()
