@@ -514,9 +514,14 @@ class Mask2FormerImageProcessor:
         unknown = set(overrides) - set(names) - {"max_size", "disable_grouping", "data_format"}
         if unknown:
             raise TypeError(f"unknown preprocessing argument(s) {sorted(unknown)}; valid: {list(names)}")
+        data_format = overrides.get("data_format")
+        if data_format is not None and str(getattr(data_format, "value", data_format)) != "channels_first":
+            raise ValueError(f"data_format={data_format!r}: pixel_values are always channels-first (B, C, H, W)")
         settings = {name: overrides.get(name, getattr(self, name)) for name in names}
         if overrides.get("size") is not None:
             settings["size"] = _normalise_size(overrides["size"], max_size=overrides.get("max_size"))
+        elif overrides.get("max_size") is not None:
+            settings["size"] = {**settings["size"], "longest_edge": int(overrides["max_size"])}
         if overrides.get("pad_size") is not None:
             settings["pad_size"] = _normalise_size(overrides["pad_size"], param_name="pad_size")
         settings["resample"] = _resample_id(settings["resample"])

@@ -301,3 +301,8 @@ def test_batch_feature_moves_tensors_and_keeps_integer_dtypes():
     assert moved.pixel_mask.dtype == torch.int64 and moved["class_labels"][0].dtype == torch.int64
     with pytest.raises(AttributeError):
         encoded.missing_key
+
+
+def test_channels_last_output_is_refused_rather_than_ignored():
+    with pytest.raises(ValueError, match="channels-first"):
+        Mask2FormerImageProcessor()(_images()[0], data_format="channels_last")
