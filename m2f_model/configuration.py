@@ -286,7 +286,9 @@ class Mask2FormerConfig(_JsonConfig):
     def __init__(self, backbone_config: SwinConfig | dict | None = None, **kwargs: Any) -> None:
         if backbone_config is None:
             backbone_config = SwinConfig(**_DEFAULT_BACKBONE_KWARGS)
-        elif isinstance(backbone_config, dict):
+        elif not isinstance(backbone_config, (SwinConfig, dict)) and hasattr(backbone_config, "to_dict"):
+            backbone_config = backbone_config.to_dict()  # e.g. a transformers SwinConfig
+        if isinstance(backbone_config, dict):
             backbone_config = copy.deepcopy(backbone_config)
             model_type = backbone_config.pop("model_type", "swin")
             if model_type not in self.backbones_supported:

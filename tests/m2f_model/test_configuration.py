@@ -148,3 +148,13 @@ def test_to_dict_round_trips_through_the_constructor():
     config = Mask2FormerConfig(num_queries=20, id2label={0: "a"})
 
     assert Mask2FormerConfig(**config.to_dict()) == config
+
+
+def test_a_transformers_swin_config_object_is_accepted_as_backbone_config():
+    reference_swin = transformers.SwinConfig(embed_dim=32, window_size=5, out_features=["stage1", "stage2",
+                                                                                        "stage3", "stage4"])
+
+    config = Mask2FormerConfig(backbone_config=reference_swin)
+
+    assert isinstance(config.backbone_config, SwinConfig)
+    assert config.backbone_config.window_size == 5 and config.backbone_config.out_indices == [1, 2, 3, 4]
