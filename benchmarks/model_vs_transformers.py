@@ -293,6 +293,7 @@ def main() -> None:
 
     import transformers
 
+    transformers.utils.logging.disable_progress_bar()
     peaks: dict[str, list[float]] = {}
     if not arguments.memory_child:
         if not arguments.skip_memory:

@@ -100,7 +100,7 @@ def _row_sums(values: torch.Tensor, reference_rows: int) -> torch.Tensor:
     reference sums several rows, a lone row is duplicated to keep that summation order (bitwise equal).
     """
     if values.shape[0] == 1 and reference_rows > 1:
-        return values.expand(2, -1).sum(1)[:1]
+        return values.repeat(2, 1).sum(1)[:1]
     return values.sum(1)
 
 
