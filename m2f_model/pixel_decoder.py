@@ -321,7 +321,9 @@ class Mask2FormerPixelDecoder(nn.Module):
 
         encoded, attentions = self.encoder(inputs_embeds, position_embeddings, spatial_shapes, output_attentions)
 
-        outputs = [level.transpose(1, 2).reshape(batch, -1, height, width)
+        # contiguous NCHW maps: a channels-last view here would make every later conv and resize at 1/4
+        # resolution convert its (much larger) input
+        outputs = [level.transpose(1, 2).reshape(batch, -1, height, width).contiguous()
                    for level, (height, width) in zip(encoded.split([h * w for h, w in spatial_shapes], 1),
                                                      spatial_shapes)]
         for index in range(self.num_fpn_levels - 1, -1, -1):
