@@ -23,6 +23,10 @@ PARITY_CASES = [
      {"enforce_input_projection": True, "num_attention_heads": 4, "encoder_layers": 1, "decoder_layers": 5,
       "num_queries": 11}, [(100, 52), (33, 90)]),
     ("one-image-exact-multiple", {}, {"num_labels": 3}, [(64, 64)]),
+    ("three-images-tiny-and-wide", {"window_size": 7, "embed_dim": 32, "num_heads": [2, 2, 4, 4]},
+     {"num_labels": 20, "num_queries": 12}, [(33, 35), (48, 150), (90, 41)]),
+    ("stage-maps-smaller-than-window", {"window_size": 7, "depths": [2, 2, 2, 2]}, {"dim_feedforward": 32},
+     [(36, 30), (29, 44)]),
 ]
 
 
@@ -236,3 +240,24 @@ def test_shape_caches_stay_bounded_and_do_not_leak_results_between_sizes(model_c
     block = model.model.pixel_level_module.encoder.encoder.layers[0].blocks[0]
     assert len(block._geometry) <= SHAPE_CACHE_SIZE
     assert len(model.model.pixel_level_module.decoder.encoder._geometry_cache) <= SHAPE_CACHE_SIZE
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_randomly_drawn_configurations_match_transformers(seed, model_config_kwargs, model_reference_checkpoint,
+                                                          model_padded_batch, model_assert_outputs_close):
+    import random
+
+    draw = random.Random(seed)
+    backbone = {"window_size": draw.randint(3, 7), "depths": [draw.randint(1, 2) for _ in range(4)],
+                "embed_dim": draw.choice([16, 24]), "num_heads": [1, 2, draw.choice([2, 4]), 4]}
+    overrides = {"num_queries": draw.randint(3, 12), "decoder_layers": draw.randint(2, 5),
+                 "pre_norm": draw.random() < 0.5, "feature_size": draw.choice([32, 64]),
+                 "num_attention_heads": draw.choice([2, 4]), "encoder_layers": draw.randint(1, 2)}
+    sizes = [(draw.randint(30, 90), draw.randint(30, 90)) for _ in range(draw.randint(1, 3))]
+    directory, reference = model_reference_checkpoint(model_config_kwargs(backbone, **overrides), seed=seed)
+    ours = m2f_model.Mask2FormerForUniversalSegmentation.from_pretrained(directory)
+    pixel_values, pixel_mask = model_padded_batch(sizes, seed=seed)
+    flags = {"output_hidden_states": True, "output_attentions": True, "output_auxiliary_logits": True}
+
+    model_assert_outputs_close(_run(reference, pixel_values, pixel_mask, **flags),
+                               _run(ours, pixel_values, pixel_mask, **flags))
