@@ -54,7 +54,8 @@ class Mask2FormerSinePositionEmbedding(nn.Module):
 
     def embedding(self, height: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """(2 * num_position_features, H, W), y features first then x, sin/cos interleaved."""
-        key = (height, width, device, dtype)
+        # tensors made under inference_mode cannot take part in autograd later: cache them separately
+        key = (height, width, device, dtype, torch.is_inference_mode_enabled())
         cached = self._cache.get(key)
         if cached is not None:
             return cached
@@ -135,7 +136,7 @@ class LevelGeometry:
         batch, _, heads, head_dim = value.shape
         channels = heads * head_dim
         reusable = not (torch.is_grad_enabled() and value.requires_grad)
-        key = (batch, channels, value.dtype, value.device, threading.get_ident())
+        key = (batch, channels, value.dtype, value.device, threading.get_ident(), torch.is_inference_mode_enabled())
         table = self._tables.get(key) if reusable else None
         if table is None:
             table = value.new_zeros(batch, self.padded_tokens, channels)
@@ -169,7 +170,7 @@ def multi_scale_deformable_attention(value: torch.Tensor, geometry: LevelGeometr
     batch, _, heads, head_dim = value.shape
     queries = sampling_pixels.shape[1]
     # indices must be exact: work in float32 whatever the model dtype
-    pixels = sampling_pixels.float()
+    pixels = sampling_pixels.float().nan_to_num(nan=-1.0)  # a NaN offset must not become a wild index
     x = pixels[..., 0].clamp(min=-1).minimum(geometry.max_x)  # (B, Q, heads, L, P)
     y = pixels[..., 1].clamp(min=-1).minimum(geometry.max_y)
     x0, y0 = x.floor(), y.floor()
@@ -261,7 +262,7 @@ class Mask2FormerPixelDecoderEncoderOnly(nn.Module):
 
     def geometry(self, spatial_shapes: list[tuple[int, int]], device: torch.device, dtype: torch.dtype
                  ) -> LevelGeometry:
-        key = (tuple(spatial_shapes), device, dtype)
+        key = (tuple(spatial_shapes), device, dtype, torch.is_inference_mode_enabled())
         if key not in self._geometry_cache:
             remember(self._geometry_cache, key, LevelGeometry(spatial_shapes, device, dtype))
         return self._geometry_cache[key]

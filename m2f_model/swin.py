@@ -236,7 +236,8 @@ class SwinBlock(nn.Module):
     def _window_geometry(self, height: int, width: int, device: torch.device, dtype: torch.dtype
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(gather, scatter, shift mask or None) for this map size, built once."""
-        key = (height, width, device, dtype)
+        # tensors made under inference_mode cannot take part in autograd later: cache them separately
+        key = (height, width, device, dtype, torch.is_inference_mode_enabled())
         cached = self._geometry.get(key)
         if cached is None:
             gather, scatter = window_token_order(height, width, self.window_size, self.shift_size, device)

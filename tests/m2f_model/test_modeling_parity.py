@@ -261,3 +261,20 @@ def test_randomly_drawn_configurations_match_transformers(seed, model_config_kwa
 
     model_assert_outputs_close(_run(reference, pixel_values, pixel_mask, **flags),
                                _run(ours, pixel_values, pixel_mask, **flags))
+
+
+def test_training_after_an_inference_mode_evaluation_still_backpropagates(model_config_kwargs):
+    torch.manual_seed(0)
+    model = m2f_model.Mask2FormerForUniversalSegmentation(m2f_model.Mask2FormerConfig(**model_config_kwargs()))
+    pixel_values = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        model.eval()(pixel_values)
+    with torch.no_grad():
+        model(pixel_values)
+
+    model.train()
+    mask_labels = [(torch.rand(1, 64, 64) > 0.5).float(), (torch.rand(2, 64, 64) > 0.5).float()]
+    loss = model(pixel_values, mask_labels=mask_labels, class_labels=[torch.tensor([1]), torch.tensor([0, 2])]).loss
+    loss.backward()
+
+    assert torch.isfinite(loss) and model.model.pixel_level_module.decoder.level_embed.grad is not None
