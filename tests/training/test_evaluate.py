@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from conftest import save_tiny_checkpoint
+from tiny_checkpoints import save_tiny_checkpoint
 from training.evaluation import (PredictedSegment, encode_mask, load_ground_truth, predict_segments,
                                  read_segment_tables, score_predictions)
 from training.shapes import ShapesConfig, rgb_to_panoptic_id, write_shapes_dataset

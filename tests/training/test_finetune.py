@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY_CONFIG_KWARGS, save_tiny_checkpoint
+from tiny_checkpoints import TINY_CONFIG_KWARGS, save_tiny_checkpoint
 from training.shapes import ShapesConfig, write_shapes_dataset
 from training.train_loop import (FinetuneConfig, _batches_of_epoch, build_model_and_processor, poly_lr_factor)
 
