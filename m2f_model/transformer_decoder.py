@@ -7,8 +7,9 @@ there sees every pixel. There is one prediction from the initial queries and one
 `decoder_layers - 1` layers.
 
 We keep tensors batch-first (B, Q, C) and hand out transformers' sequence-first (Q, B, C) views only in the
-returned hidden states. Attention runs through `scaled_dot_product_attention` with a boolean mask broadcast over
-heads; weights are materialised only when `output_attentions` asks for them.
+returned hidden states. The attention arithmetic deliberately repeats transformers' operations in the same order
+(not `scaled_dot_product_attention`): each layer's output is thresholded into the next attention mask, and with
+100 queries over thousands of pixels, last-bit differences flip some pixels and change the outputs visibly.
 """
 from __future__ import annotations
 
@@ -35,18 +36,6 @@ def _activation(name: str):
     if name not in activations:
         raise ValueError(f"Unsupported activation_function {name!r}; choose one of {sorted(activations)}.")
     return activations[name]
-
-
-def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor | None,
-            dropout: float, need_weights: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """query (B, h, Q, d), key/value (B, h, K, d), allowed (B, 1, Q, K) bool or None -> (B, h, Q, d), weights."""
-    if not need_weights:
-        return F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, dropout_p=dropout), None
-    scores = torch.matmul(query, key.transpose(-1, -2)) * query.shape[-1] ** -0.5
-    if allowed is not None:
-        scores = scores.masked_fill(~allowed, float("-inf"))
-    weights = scores.softmax(-1)
-    return torch.matmul(F.dropout(weights, p=dropout), value), weights
 
 
 def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -76,16 +65,23 @@ class Mask2FormerAttention(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings: torch.Tensor, need_weights: bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """hidden_states, position_embeddings: (B, Q, C) -> (B, Q, C), weights (B, heads, Q, Q) or None."""
+        """hidden_states, position_embeddings: (B, Q, C) -> (B, Q, C), weights (B, heads, Q, Q) or None.
+
+        The same operations in the same order as transformers (scaled query, bmm, softmax, bmm): the queries feed
+        thresholded attention masks, where even last-bit differences can flip a pixel.
+        """
+        batch, num_queries, channels = hidden_states.shape
+        head_dim = channels // self.num_heads
         with_position = hidden_states + position_embeddings
-        query_key = F.linear(with_position, torch.cat((self.q_proj.weight, self.k_proj.weight)),
-                             torch.cat((self.q_proj.bias, self.k_proj.bias)))
-        query, key = query_key.chunk(2, dim=-1)
-        value = self.v_proj(hidden_states)
-        dropout = self.dropout if self.training else 0.0
-        context, weights = _attend(_split_heads(query, self.num_heads), _split_heads(key, self.num_heads),
-                                   _split_heads(value, self.num_heads), None, dropout, need_weights)
-        return self.out_proj(_merge_heads(context)), weights
+        query = _split_heads(self.q_proj(with_position) * head_dim ** -0.5, self.num_heads)
+        key = _split_heads(self.k_proj(with_position), self.num_heads)
+        value = _split_heads(self.v_proj(hidden_states), self.num_heads)
+        flat = (batch * self.num_heads, num_queries, head_dim)
+        weights = torch.bmm(query.reshape(flat), key.reshape(flat).transpose(1, 2)).softmax(-1)
+        context = torch.bmm(F.dropout(weights, p=self.dropout, training=self.training), value.reshape(flat))
+        context = context.view(batch, self.num_heads, num_queries, head_dim)
+        output = self.out_proj(_merge_heads(context))
+        return output, weights.view(batch, self.num_heads, num_queries, num_queries) if need_weights else None
 
 
 class Mask2FormerMaskedAttentionDecoderLayer(nn.Module):
@@ -97,8 +93,6 @@ class Mask2FormerMaskedAttentionDecoderLayer(nn.Module):
         self.dropout = config.dropout
         self.self_attn = Mask2FormerAttention(dim, config.num_attention_heads, dropout=config.dropout)
         self.self_attn_layer_norm = nn.LayerNorm(dim)
-        # nn.MultiheadAttention only holds the parameters (in_proj_weight/bias, out_proj), named as in checkpoints;
-        # the computation below uses them directly.
         self.cross_attn = nn.MultiheadAttention(dim, config.num_attention_heads, config.dropout)
         self.cross_attn_layer_norm = nn.LayerNorm(dim)
         self.fc1 = nn.Linear(dim, config.dim_feedforward)
@@ -107,21 +101,21 @@ class Mask2FormerMaskedAttentionDecoderLayer(nn.Module):
         self.activation_fn = _activation(config.activation_function)
 
     def _masked_cross_attention(self, queries: torch.Tensor, query_positions: torch.Tensor, memory: torch.Tensor,
-                                memory_positions: torch.Tensor, allowed: torch.Tensor, need_weights: bool
-                                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """queries (B, Q, C); memory (B, HW, C); allowed (B, 1, Q, HW) bool."""
-        weight, bias = self.cross_attn.in_proj_weight, self.cross_attn.in_proj_bias
-        dim = queries.shape[-1]
-        query = F.linear(queries + query_positions, weight[:dim], bias[:dim])
-        key = F.linear(memory + memory_positions, weight[dim:2 * dim], bias[dim:2 * dim])
-        value = F.linear(memory, weight[2 * dim:], bias[2 * dim:])
-        dropout = self.cross_attn.dropout if self.training else 0.0
-        context, weights = _attend(_split_heads(query, self.num_heads), _split_heads(key, self.num_heads),
-                                   _split_heads(value, self.num_heads), allowed, dropout, need_weights)
-        output = self.cross_attn.out_proj(_merge_heads(context))
-        if weights is not None:
-            weights = weights.mean(1)  # nn.MultiheadAttention's default: averaged over heads
-        return output, weights
+                                memory_positions: torch.Tensor, allowed: torch.Tensor
+                                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """queries (B, Q, C); memory (B, HW, C); allowed (B, 1, Q, HW) bool -> (B, Q, C), head-averaged weights.
+
+        Runs torch's nn.MultiheadAttention exactly as transformers calls it (sequence-first, boolean mask per
+        head, weights requested), so the result is the same to the last bit: the next attention mask is a
+        threshold of what comes out here.
+        """
+        batch, num_queries, _ = queries.shape
+        blocked = ~allowed.expand(batch, self.num_heads, num_queries, -1).reshape(batch * self.num_heads,
+                                                                                   num_queries, -1)
+        output, weights = self.cross_attn(query=(queries + query_positions).transpose(0, 1),
+                                          key=(memory + memory_positions).transpose(0, 1),
+                                          value=memory.transpose(0, 1), attn_mask=blocked, key_padding_mask=None)
+        return output.transpose(0, 1), weights
 
     def _dropout(self, x: torch.Tensor) -> torch.Tensor:
         return F.dropout(x, p=self.dropout, training=self.training)
@@ -135,8 +129,7 @@ class Mask2FormerMaskedAttentionDecoderLayer(nn.Module):
         """Returns (hidden_states (B, Q, C), self-attention weights, cross-attention weights)."""
         if self.pre_norm:
             cross, cross_weights = self._masked_cross_attention(self.cross_attn_layer_norm(hidden_states),
-                                                                query_positions, memory, memory_positions, allowed,
-                                                                output_attentions)
+                                                                query_positions, memory, memory_positions, allowed)
             hidden_states = hidden_states + self._dropout(cross)
             attended, self_weights = self.self_attn(self.self_attn_layer_norm(hidden_states), query_positions,
                                                     output_attentions)
@@ -144,7 +137,7 @@ class Mask2FormerMaskedAttentionDecoderLayer(nn.Module):
             hidden_states = hidden_states + self._feed_forward(self.final_layer_norm(hidden_states))
         else:
             cross, cross_weights = self._masked_cross_attention(hidden_states, query_positions, memory,
-                                                                memory_positions, allowed, output_attentions)
+                                                                memory_positions, allowed)
             hidden_states = self.cross_attn_layer_norm(hidden_states + self._dropout(cross))
             attended, self_weights = self.self_attn(hidden_states, query_positions, output_attentions)
             hidden_states = self.self_attn_layer_norm(hidden_states + self._dropout(attended))
