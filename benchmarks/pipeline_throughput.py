@@ -6,6 +6,8 @@
 1. Bare model loop (in this process): every image decoded and preprocessed up front, untimed; then the
    timed part is forward passes only, over same-shape groups in batches of --batch-size, with torch
    using the same thread count the pipeline gives its model actor. One warm-up batch is not timed.
+   It runs before and after the pipeline; the faster run is the reference (a shared machine's noise
+   then lowers the ratio, never raises it).
 2. The pipeline (`pipeline.run_segmentation`, embedded Ray started before the clock starts): listing,
    read, decode+preprocess, model, post-processing to RLE, Parquet writes and the report, end to end.
    Actor start-up (each worker imports torch and loads the model) is inside this time, as a user sees it.
@@ -271,14 +273,22 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"model {model_dir}; {args.images} images {height}x{width}; batch size {args.batch_size}; "
           f"torch threads {threads}", flush=True)
-    bare = bare_model_loop(model_dir, image_paths, batch_size=args.batch_size, threads=threads)
-    print(f"bare model loop: {bare['images_per_s']:.3f} images/s ({bare['seconds']:.1f} s)", flush=True)
-    bare["process_peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    bare_before = bare_model_loop(model_dir, image_paths, batch_size=args.batch_size, threads=threads)
+    print(f"bare model loop: {bare_before['images_per_s']:.3f} images/s ({bare_before['seconds']:.1f} s)", flush=True)
+    bare_peak_rss_mib = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
     piped = pipeline_runs(model_dir, work_dir / "images", work_dir / "tables", images=args.images,
                           batch_size=args.batch_size, tasks=args.tasks)
+    # The machine may be shared: the model loop runs again after the pipeline, and the faster of the two
+    # runs is the reference (the ratio errs low, never high).
+    bare_after = bare_model_loop(model_dir, image_paths, batch_size=args.batch_size, threads=threads)
+    print(f"bare model loop again: {bare_after['images_per_s']:.3f} images/s ({bare_after['seconds']:.1f} s)")
+    bare = dict(max(bare_before, bare_after, key=lambda run: run["images_per_s"]),
+                runs_images_per_s=[bare_before["images_per_s"], bare_after["images_per_s"]],
+                process_peak_rss_mib=bare_peak_rss_mib)
     planned_threads = (piped["pools"] or {}).get("model_torch_threads")
     ratio = piped["images_per_s"] / bare["images_per_s"]
+    print(f"model-only reference (faster of the two loops): {bare['images_per_s']:.3f} images/s")
     results = {"model": str(model_dir), "images": args.images, "image_size": [height, width],
                "batch_size": args.batch_size, "bare_model_loop": bare, "pipeline": piped,
                "ratio_pipeline_to_model": round(ratio, 4), "target_ratio": 0.85,
