@@ -94,8 +94,11 @@ class StallWatchdog(threading.Thread):
             if idle > self._stall_timeout:
                 self.stall_message = describe_stall(counts, self._expected, min(idle, 1e9))
                 logger.error(self.stall_message)
-                if self._interrupt_main:
+                # Ray Data can swallow a KeyboardInterrupt that lands inside its executor, so keep
+                # interrupting until the driver acknowledges by calling stop().
+                while self._interrupt_main and not self._stop_event.is_set():
                     _thread.interrupt_main()
+                    self._stop_event.wait(self._poll_seconds)
                 return
 
     def stop(self) -> None:

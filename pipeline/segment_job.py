@@ -186,7 +186,8 @@ def start_local_ray(**init_kwargs) -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False
     # Workers must import `pipeline` and `m2f_model` even when the package is not installed.
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(REPO_ROOT)) if p)
-    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, **init_kwargs)
+    # address="local": start a fresh cluster even when another one on this machine is recorded as current.
+    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, **init_kwargs)
 
 
 def _input_blocks(pending: pa.Table, batch_size: int) -> list[pa.Table]:
