@@ -79,7 +79,10 @@ def _panoptic_segments(processor, outputs, target_sizes, settings) -> Iterator[P
     result = processor.post_process_panoptic_segmentation(
         outputs, threshold=settings.threshold, mask_threshold=settings.mask_threshold,
         overlap_mask_area_threshold=settings.overlap_threshold,
-        label_ids_to_fuse=set(settings.label_ids_to_fuse), target_sizes=target_sizes)[0]
+        label_ids_to_fuse=set(settings.label_ids_to_fuse), target_sizes=target_sizes,
+        # transformers' numbering can give the segment after a reused fused id an id already taken by
+        # another label; the map could then not tell the two apart.
+        unique_segment_ids=True)[0]
     segmentation = _as_numpy(result["segmentation"])  # (height, width) segment ids, 0 or -1 = none
     # Fused stuff segments appear once per fused query under the same id: one row per id, best score.
     by_id: dict[int, dict] = {}

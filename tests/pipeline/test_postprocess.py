@@ -85,6 +85,25 @@ def test_fused_labels_give_one_panoptic_row_per_segment(tiny_outputs):
         assert np.array_equal(fused_mask, union)
 
 
+def test_a_reused_fused_id_never_gives_two_labels_one_panoptic_segment(tiny_outputs):
+    # Queries in order: label 0 (fused), label 1, label 0 again (reuses the fused id), label 2. transformers'
+    # numbering gives the last one the id of the label-1 segment; each query owns one quadrant here.
+    processor = tiny_outputs[0]
+    class_logits = np.full((4, 4), -10.0, np.float32)  # (queries, 3 labels + no-object)
+    for query, label in enumerate((0, 1, 0, 2)):
+        class_logits[query, label] = 10.0
+    mask_logits = np.full((4, 8, 8), -10.0, np.float32)
+    for query, (rows, cols) in enumerate(((slice(0, 4), slice(0, 4)), (slice(0, 4), slice(4, 8)),
+                                         (slice(4, 8), slice(0, 4)), (slice(4, 8), slice(4, 8)))):
+        mask_logits[query, rows, cols] = 10.0
+    segments = list(predict_segments(processor, class_logits, mask_logits, height=32, width=32,
+                                     settings=PostprocessSettings(tasks=("panoptic",), label_ids_to_fuse=(0,))))
+    assert sorted(s.label_id for s in segments) == [0, 1, 2]
+    assert len({s.segment_id for s in segments}) == 3
+    assert np.sum([s.mask for s in segments], axis=0).min() == 1  # every pixel in exactly one segment
+    assert next(s for s in segments if s.label_id == 0).mask.sum() == 2 * 16 * 16
+
+
 def test_segment_records_carry_labels_provenance_and_decodable_rle(tiny_outputs):
     processor, class_logits, mask_logits = tiny_outputs
     segments = list(predict_segments(processor, class_logits, mask_logits, height=50, width=70,
