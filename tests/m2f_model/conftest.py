@@ -9,34 +9,12 @@ from typing import Any, Callable
 import pytest
 import torch
 
+from tiny_checkpoints import TINY_CONFIG_KWARGS, TINY_ID2LABEL
+
 MODEL_PARITY_TOLERANCE = 1e-4
 
-# The smallest configuration the model tests start from; tests override single fields.
-MODEL_BASE_KWARGS: dict[str, Any] = {
-    "backbone_config": {
-        "model_type": "swin",
-        "image_size": 64,
-        "patch_size": 4,
-        "embed_dim": 16,
-        "depths": [1, 1, 2, 1],
-        "num_heads": [1, 2, 2, 4],
-        "window_size": 4,
-        "drop_path_rate": 0.0,
-        "out_features": ["stage1", "stage2", "stage3", "stage4"],
-    },
-    "feature_size": 32,
-    "mask_feature_size": 32,
-    "hidden_dim": 32,
-    "encoder_feedforward_dim": 64,
-    "dim_feedforward": 64,
-    "encoder_layers": 2,
-    "decoder_layers": 3,
-    "num_attention_heads": 2,
-    "num_queries": 8,
-    "num_labels": 5,
-    "train_num_points": 64,
-    "id2label": {0: "circle", 1: "square", 2: "triangle", 3: "sky", 4: "ground"},
-}
+# The smallest configuration the model tests start from (the shared tiny one); tests override single fields.
+MODEL_BASE_KWARGS: dict[str, Any] = {**TINY_CONFIG_KWARGS, "id2label": dict(TINY_ID2LABEL)}
 
 
 def _model_config_kwargs(backbone: dict | None = None, **overrides: Any) -> dict[str, Any]:
