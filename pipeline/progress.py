@@ -7,7 +7,6 @@ that are done have nothing left to give, so that stage is where the work is stuc
 """
 from __future__ import annotations
 
-import _thread
 import logging
 import threading
 import time
@@ -72,7 +71,7 @@ def describe_stall(counts: dict, expected: int, idle_seconds: float) -> str:
 
 
 class StallWatchdog(threading.Thread):
-    """Polls the tracker; on a stall it records a message and interrupts the driver's main thread."""
+    """Polls the tracker; on a stall it records `stall_message` and stops (the driver waits on it)."""
 
     def __init__(self, tracker, *, expected: int, stall_timeout: float, poll_seconds: float = 1.0) -> None:
         super().__init__(name="m2f-stall-watchdog", daemon=True)
@@ -81,7 +80,6 @@ class StallWatchdog(threading.Thread):
         self._stall_timeout = stall_timeout
         self._poll_seconds = poll_seconds
         self._stop_event = threading.Event()
-        self._interrupt_main = threading.current_thread() is threading.main_thread()
         self.stall_message: str | None = None
 
     def run(self) -> None:
@@ -94,11 +92,6 @@ class StallWatchdog(threading.Thread):
             if idle > self._stall_timeout:
                 self.stall_message = describe_stall(counts, self._expected, min(idle, 1e9))
                 logger.error(self.stall_message)
-                # Ray Data can swallow a KeyboardInterrupt that lands inside its executor, so keep
-                # interrupting until the driver acknowledges by calling stop().
-                while self._interrupt_main and not self._stop_event.is_set():
-                    _thread.interrupt_main()
-                    self._stop_event.wait(self._poll_seconds)
                 return
 
     def stop(self) -> None:

@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, replace
@@ -234,20 +235,32 @@ def _run_pipeline(pending: pa.Table, options: SegmentationOptions, storage: Stor
     watchdog = StallWatchdog(tracker, expected=pending.num_rows, stall_timeout=options.stall_timeout)
     watchdog.start()
     committed: list[dict] = []
+    failures: list[BaseException] = []
+
+    def collect_results() -> None:
+        try:
+            for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+                rows = batch.select(["image_uri", "status", "error_stage", "panoptic_segments",
+                                     "instance_segments", "semantic_segments"]).to_pylist()
+                arrived = time.monotonic()
+                committed.extend({**row, "_arrived": arrived} for row in rows)
+        except BaseException as error:  # noqa: BLE001 - re-raised in the driver's thread below
+            failures.append(error)
+
+    # Results are collected on a thread of their own so the driver can give up on a stall: an interrupt
+    # aimed at a thread blocked inside Ray Data is not reliably delivered (a SIGINT handler set to
+    # SIG_IGN by anything in the process silently drops it).
+    collector = threading.Thread(target=collect_results, name="m2f-results", daemon=True)
+    collector.start()
     try:
-        for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
-            rows = batch.select(["image_uri", "status", "error_stage", "panoptic_segments", "instance_segments",
-                                 "semantic_segments"]).to_pylist()
-            arrived = time.monotonic()
-            committed.extend({**row, "_arrived": arrived} for row in rows)
-    except KeyboardInterrupt:
-        if watchdog.stall_message is not None:
-            raise PipelineStalledError(watchdog.stall_message) from None
-        raise
+        while collector.is_alive():
+            collector.join(timeout=1.0)
+            if watchdog.stall_message is not None:
+                raise PipelineStalledError(watchdog.stall_message)
     finally:
         watchdog.stop()
-    if watchdog.stall_message is not None:
-        raise PipelineStalledError(watchdog.stall_message)
+    if failures:
+        raise failures[0]
     return committed
 
 
