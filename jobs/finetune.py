@@ -88,10 +88,9 @@ def main(argv: list[str] | None = None) -> None:
         if address:
             ray.init(address=address)
         else:
-            # Workers must import `training` and `m2f_model` even when the package is not installed.
-            repo_root = str(Path(__file__).resolve().parents[1])
-            os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), repo_root) if p)
-            ray.init(include_dashboard=False, _node_ip_address="127.0.0.1")
+            from pipeline.segment_job import start_local_ray  # embedded Ray on 127.0.0.1, repo on workers' path
+
+            start_local_ray()
     result = run_finetune(config, num_workers=args.num_workers, use_gpu=args.use_gpu,
                           cpus_per_worker=args.cpus_per_worker, storage_path=args.storage_path, name=args.name,
                           max_failures=args.max_failures, output_model=args.output_model)

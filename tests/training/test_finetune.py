@@ -26,8 +26,11 @@ def train_tiny_shapes(tmp_path_factory) -> Path:
 def train_ray():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[2])}})
+    from pipeline.segment_job import start_local_ray
+
+    if ray.is_initialized():  # the pipeline tests' session-wide Ray; start a fresh one for these tests
+        ray.shutdown()
+    start_local_ray(num_cpus=2, configure_logging=False)
     yield ray
     ray.shutdown()
 
