@@ -235,7 +235,7 @@ def test_model_actor_killed_mid_run_is_restarted_and_output_stays_complete(
     # ~0.2 s per image on one thread): the model stage runs long enough to be killed part way.
     prefix = f"{inputs.bucket}/many-{uuid.uuid4().hex[:6]}"
     many = {}
-    for index in range(24):
+    for index in range(48):  # with 24 the killer once never fired on a quiet machine
         uri = f"s3://{prefix}/img_{index:03d}.jpg"
         data = encoded_test_image(40 + index % 7, 48 + index % 5, seed=1000 + index, name=uri)
         s3_filesystem.pipe(uri, data)
