@@ -209,7 +209,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if checkpoint is not None:
         from m2f_model import Mask2FormerImageProcessor
 
-        with checkpoint.as_directory() as directory:
+        # A private copy per worker: ranks on one node share as_directory()'s download folder for a remote
+        # checkpoint, and one rank was seen reading a half-written preprocessor_config.json there.
+        with tempfile.TemporaryDirectory(prefix="m2f-resume-") as directory:
+            checkpoint.to_directory(directory)
             model = Mask2FormerForUniversalSegmentation.from_pretrained(directory)
             processor = Mask2FormerImageProcessor.from_pretrained(directory)
             training_state = torch.load(Path(directory) / TRAINING_STATE_NAME, map_location="cpu",
