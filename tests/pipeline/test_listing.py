@@ -87,3 +87,50 @@ def test_missing_input_fails_with_its_name(tmp_path):
 def test_single_image_file_is_one_input(folder):
     table = list_inputs(str(folder / "b.png"), STORAGE)
     assert table.to_pylist() == [{"image_uri": str(folder / "b.png"), "image_id": "b.png"}]
+
+
+def test_text_manifest_of_many_entries_with_crlf_and_relative_dots_resolves_like_the_filesystem(tmp_path):
+    entries = [f"shard{i % 7}/img{i:05d}.jpg" for i in range(20000)] + ["./x/../y.png\r", "/abs//z.png", "shard0/img00000.jpg"]
+    manifest = tmp_path / "m.txt"
+    manifest.write_text("\r\n".join(entries) + "\r\n")
+    table = list_inputs(str(manifest), STORAGE)
+    expected = [os.path.abspath(os.path.join(tmp_path, e.strip())) for e in entries[:-1]]
+    assert table["image_uri"].to_pylist() == expected, "order kept, paths normalised, the duplicate dropped"
+
+
+@pytest.fixture(scope="module")
+def s3_storage(tmp_path_factory):
+    from infra.local_stack import start_s3_endpoint, stop_s3_endpoint
+
+    endpoint = start_s3_endpoint(log_dir=tmp_path_factory.mktemp("moto"))
+    try:
+        yield StorageConfig.resolve(endpoint.storage_options(), environ={})
+    finally:
+        stop_s3_endpoint(endpoint)
+
+
+def test_s3_folder_listing_pages_every_sub_prefix_and_matches_a_plain_find(s3_storage, monkeypatch):
+    monkeypatch.setattr("pipeline.listing._S3_KEYS_PER_PAGE", 7)
+    filesystem, _ = s3_storage.filesystem("s3://listing")
+    filesystem.mkdir("listing")
+    keys = ([f"photos/top{i}.png" for i in range(3)] + [f"photos/a/{i:04d}.jpg" for i in range(40)]
+            + ["photos/b/c/deep.webp", "photos/b/.hidden.png", "photos/b/notes.txt", "photos/bb.JPG",
+               "elsewhere/x.png"])
+    filesystem.pipe({f"listing/{key}": b"x" for key in keys})
+    table = list_inputs("s3://listing/photos", s3_storage)
+    expected = sorted(k for k in keys if k.startswith("photos/") and k.lower().endswith((".png", ".jpg", ".webp"))
+                      and not k.rsplit("/", 1)[-1].startswith("."))
+    assert table["image_uri"].to_pylist() == [f"s3://listing/{key}" for key in expected]
+    assert table["image_id"].to_pylist()[:3] == ["a/0000.jpg", "a/0001.jpg", "a/0002.jpg"]
+    assert len(expected) == 40 + 3 + 2  # several ListObjects pages under photos/a
+
+
+def test_s3_manifest_entries_resolve_beside_the_manifest(s3_storage):
+    filesystem, _ = s3_storage.filesystem("s3://manifests")
+    filesystem.mkdir("manifests")
+    filesystem.pipe("manifests/runs/list.csv", b"uri,image_id\nrel/a.png,\n/other/b.png,bee\ns3://x/c.png,see\n")
+    table = list_inputs("s3://manifests/runs/list.csv", s3_storage)
+    assert table.to_pylist() == [
+        {"image_uri": "s3://manifests/runs/rel/a.png", "image_id": "s3://manifests/runs/rel/a.png"},
+        {"image_uri": "s3://other/b.png", "image_id": "bee"},
+        {"image_uri": "s3://x/c.png", "image_id": "see"}]
