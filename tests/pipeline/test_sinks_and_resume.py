@@ -5,7 +5,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.records import IMAGES_SCHEMA, SEGMENTS_SCHEMA
-from pipeline.resume import compact, done_image_uris
+from pipeline.report import RESULT_COLUMNS, ResultTally, output_totals
+from pipeline.resume import compact, done_image_uris, winning_rows
 from pipeline.sinks import batch_file_stem, list_stems, write_batch
 from pipeline.storage import StorageConfig
 
@@ -50,7 +51,7 @@ def test_partial_files_of_a_killed_run_never_count_and_are_removed(tmp_path):
     (tmp_path / "images" / f"{orphan}.parquet").unlink()  # killed between the segments and the images file
     (tmp_path / "images" / ".tmp-123-half.parquet").write_bytes(b"PAR1 truncated")
     result = compact(output, STORAGE)
-    assert done_image_uris(result.images) == {"/a"}
+    assert done_image_uris(result.images).to_pylist() == ["/a"]
     assert sorted(result.images["image_uri"].to_pylist()) == ["/a", "/b"]
     assert sorted(p.name for p in (tmp_path / "segments").iterdir()) == [f"{committed}.parquet"]
     assert [p.name for p in (tmp_path / "images").iterdir()] == [f"{committed}.parquet"]
@@ -95,3 +96,62 @@ def test_crash_during_a_rewrite_is_resolved_by_the_next_compaction(tmp_path):
     on_disk = pq.read_table(tmp_path / "images")
     assert sorted(on_disk["image_uri"].to_pylist()) == ["/a", "/b"]
     assert sorted(pq.read_table(tmp_path / "segments")["image_uri"].to_pylist()) == ["/a", "/b"]
+
+
+def test_compaction_rewrites_only_the_files_that_hold_superseded_rows(tmp_path):
+    output = str(tmp_path)
+    untouched = [commit(output, "20260101T000000Z-a", {f"/ok{i}-{j}": "ok" for j in range(3)}) for i in range(4)]
+    mixed = commit(output, "20260101T000000Z-a", {"/x": "ok", "/y": "error"})
+    all_failed = commit(output, "20260101T000000Z-a", {"/z": "error"})
+    commit(output, "20260102T000000Z-b", {"/y": "ok", "/z": "ok"})
+    before = {stem: (tmp_path / "images" / f"{stem}.parquet").stat().st_mtime_ns for stem in untouched}
+    result = compact(output, STORAGE)
+    assert result.rewritten_stems == [mixed] and result.removed_stems == [all_failed]
+    assert {stem: (tmp_path / "images" / f"{stem}.parquet").stat().st_mtime_ns for stem in untouched} == before
+    images = pq.read_table(tmp_path / "images")
+    assert images.num_rows == 15 and len(set(images["image_uri"].to_pylist())) == 15
+    # The result names the files that now hold each winning row, the rewritten one included.
+    position_of = {uri: i for i, uri in enumerate(result.images["image_uri"].to_pylist())}
+    [x_stem] = result.stems_of(pa.array([position_of["/x"]]))
+    assert x_stem.startswith(f"{mixed}-k") and (tmp_path / "segments" / f"{x_stem}.parquet").exists()
+    assert pq.read_table(tmp_path / "segments" / f"{x_stem}.parquet")["image_uri"].to_pylist() == ["/x"]
+
+
+def test_winners_match_a_row_by_row_reference_on_many_random_duplicates(tmp_path):
+    import random
+
+    rng = random.Random(7)
+    rows = []
+    for index in range(3000):
+        uri = f"/img/{rng.randrange(1000)}"
+        rows.append({**image_row(uri, rng.choice(["ok", "error"]), f"2026010{rng.randrange(3)}T000000Z-r"),
+                     "_file": rng.randrange(50)})
+    table = pa.Table.from_pylist(rows, schema=IMAGES_SCHEMA.append(pa.field("_file", pa.int32())))
+    expected = {}
+    for row in rows:  # the ordering rule: run_id, then ok over error, then file; the last wins
+        key = (row["run_id"], row["status"] == "ok", row["_file"])
+        if row["image_uri"] not in expected or key >= expected[row["image_uri"]][0]:
+            expected[row["image_uri"]] = (key, row)
+    winners = winning_rows(table)
+    assert winners.num_rows == len(expected)
+    for row in winners.to_pylist():
+        best = expected[row["image_uri"]][1]
+        assert (row["run_id"], row["status"], row["_file"]) == (best["run_id"], best["status"], best["_file"])
+
+
+def test_result_tally_counts_batches_as_they_stream_in():
+    batches = [
+        pa.Table.from_pylist([image_row("/a", "ok", "r"), image_row("/b", "error", "r")], schema=IMAGES_SCHEMA),
+        pa.Table.from_pylist([image_row("/c", "ok", "r")], schema=IMAGES_SCHEMA),
+        pa.Table.from_pylist([{**image_row("/d", "error", "r"), "error_stage": "read"}], schema=IMAGES_SCHEMA),
+    ]
+    tally = ResultTally()
+    for arrived, batch in zip((10.0, 12.0, 14.0), batches):
+        tally.add(batch.select(list(RESULT_COLUMNS)), arrived)
+    assert (tally.processed, tally.ok, tally.errors) == (4, 2, 2)
+    assert tally.errors_by_stage == {"decode": 1, "read": 1}
+    assert tally.segments == {"panoptic": 2, "instance": 0, "semantic": 0}
+    assert tally.steady_state(pipeline_started=8.0, pipeline_seconds=10.0) == {
+        "pipeline_first_result_s": 2.0, "steady_images_per_s": 0.25}  # 2 rows in the 8 s after the first batch
+    assert output_totals(pa.concat_tables(batches)) == {"images": 4, "ok": 2, "errors": 2,
+                                                        "segments": {"panoptic": 2, "instance": 0, "semantic": 0}}
