@@ -5,7 +5,8 @@ timestamp first), then 'ok' over 'error', then file stem; the last one wins. A r
 the images that failed before, so older rows get superseded; `compact` removes superseded rows from disk,
 rewriting a batch's two files without them (new files first, old ones deleted after, images before
 segments), so a crash at any point leaves either the old state or duplicates that the next compaction
-resolves the same way, never a lost row.
+resolves the same way, never a lost row. The common case, a batch whose superseded rows are all errors
+(they have no segments), rewrites only that batch's images file, in place: the replacement is atomic.
 
 At scale (millions of images, thousands of files) the work stays off the driver's Python loop: the images
 files are read in parallel and only the columns the bookkeeping needs, winners are chosen with Arrow
@@ -105,7 +106,7 @@ def compact(output_uri: str, storage: StorageConfig,
                               file_stems=list(stems), removed_partial_files=removed_partial_files)
     if superseded.num_rows == 0:
         return result
-    superseded_by_file = {index: superseded.filter(pc.equal(superseded[_FILE], index))["image_uri"].combine_chunks()
+    superseded_by_file = {index: superseded.filter(pc.equal(superseded[_FILE], index))
                           for index in pc.unique(superseded[_FILE]).to_pylist()}
     with ThreadPoolExecutor(max_workers=min(_REWRITE_THREADS, len(superseded_by_file))) as pool:
         new_stems = list(pool.map(lambda item: _drop_rows_of_batch(output_uri, storage, stems[item[0]], item[1]),
@@ -122,15 +123,19 @@ def _kept_digest(kept_uris: pa.Array) -> str:
     return hashlib.sha1("\n".join(sorted(kept_uris.to_pylist())).encode()).hexdigest()[:8]
 
 
-def _drop_rows_of_batch(output_uri: str, storage: StorageConfig, stem: str, superseded: pa.Array) -> str | None:
-    """Rewrites a batch's two files without the rows of `superseded`; deletes both when nothing is left.
-    Returns the new stem, or None when the batch is gone."""
+def _drop_rows_of_batch(output_uri: str, storage: StorageConfig, stem: str, superseded: pa.Table) -> str | None:
+    """Rewrites a batch's files without the `superseded` rows; deletes both when nothing is left.
+    Returns the batch's stem afterwards, or None when the batch is gone."""
     images = read_table_file(output_uri, storage, IMAGES_DIR, stem)
-    kept_images = images.filter(pc.invert(pc.is_in(images["image_uri"], value_set=superseded)))
+    kept_images = images.filter(pc.invert(pc.is_in(images["image_uri"], value_set=superseded["image_uri"])))
     if kept_images.num_rows == 0:
         remove_table_file(output_uri, storage, IMAGES_DIR, stem)
         remove_table_file(output_uri, storage, SEGMENTS_DIR, stem)
         return None
+    if not pc.any(pc.equal(superseded["status"], "ok")).as_py():
+        # Error rows have no segments: the segments file stays as it is, the images file is replaced whole.
+        write_table_file(output_uri, storage, IMAGES_DIR, stem, kept_images)
+        return stem
     kept_uris = kept_images["image_uri"].combine_chunks()
     new_stem = f"{stem}-k{_kept_digest(kept_uris)}"  # sorts after `stem`, so it wins the tie if both survive a crash
     segments = read_table_file(output_uri, storage, SEGMENTS_DIR, stem)

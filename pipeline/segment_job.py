@@ -33,8 +33,10 @@ from pipeline.preprocess import PreprocessStage
 from pipeline.progress import PipelineStalledError, ProgressTracker, StallWatchdog
 from pipeline.read import DEFAULT_MAX_OBJECT_BYTES, read_objects
 from pipeline.records import SEGMENTS_SCHEMA, TASKS
-from pipeline.resume import compact, done_image_uris
-from pipeline.sinks import IMAGES_DIR, SEGMENTS_DIR, list_stems, read_table_file, write_json
+from pipeline.report import RESULT_COLUMNS, ResultTally, output_totals
+from pipeline.resume import BOOKKEEPING_COLUMNS, CompactionResult, compact, done_image_uris
+from pipeline.sinks import (DEFAULT_IMAGES_PER_FILE, IMAGES_DIR, SEGMENTS_DIR, list_stems, read_table_files,
+                            write_json)
 from pipeline.storage import StorageConfig, is_local_uri, join_uri
 
 __all__ = ["REPO_ROOT", "SegmentationOptions", "OutputNotEmptyError", "run_segmentation", "new_run_id", "start_local_ray"]
@@ -73,7 +75,7 @@ class SegmentationOptions:
     overlays: int = 0
     stall_timeout: float = 600.0
     ray_address: str | None = None
-    images_per_file: int = 32
+    images_per_file: int = DEFAULT_IMAGES_PER_FILE
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES
     extensions: tuple[str, ...] = IMAGE_EXTENSIONS
@@ -122,33 +124,34 @@ def run_segmentation(options: SegmentationOptions | dict) -> dict:
     listed = list_inputs(options.input, storage, extensions=options.extensions, limit=options.limit)
     if listed.num_rows == 0:
         logger.warning("no images under %s (extensions: %s)", options.input, ", ".join(options.extensions))
-    previous = compact(options.output, storage) if options.resume else None
-    done = done_image_uris(previous.images) if previous is not None else set()
-    pending = listed.filter(pc.invert(pc.is_in(listed["image_uri"], pa.array(sorted(done), pa.string())))) \
-        if done else listed
+    bookkeeping_columns = (*BOOKKEEPING_COLUMNS, "image_id") if options.overlays else BOOKKEEPING_COLUMNS
+    previous = compact(options.output, storage, bookkeeping_columns) if options.resume else None
+    done = done_image_uris(previous.images) if previous is not None else None
+    pending = listed.filter(pc.invert(pc.is_in(listed["image_uri"], value_set=done))) \
+        if done is not None and len(done) else listed
     logger.info("run %s: %d inputs listed, %d already done, %d to label", run_id, listed.num_rows,
                 listed.num_rows - pending.num_rows, pending.num_rows)
 
-    plan, processed, pipeline_seconds = None, [], 0.0
+    plan, tally, pipeline_started, pipeline_seconds = None, ResultTally(), 0.0, 0.0
     if pending.num_rows:
         started_ray = _connect_ray(options.ray_address)
         try:
             plan = plan_pools(ray.cluster_resources(), preprocess_actors=options.preprocess_actors,
                               model_actors=options.model_actors, postprocess_actors=options.postprocess_actors)
             pipeline_started = time.monotonic()
-            processed = _run_pipeline(pending, options, storage, plan, run_id)
+            tally = _run_pipeline(pending, options, storage, plan, run_id)
             pipeline_seconds = time.monotonic() - pipeline_started
-            for row in processed:
-                row["_arrived"] -= pipeline_started
         finally:
             if started_ray:
                 ray.shutdown()
 
-    final = compact(options.output, storage)
+    # A run that labeled nothing changed nothing: the compaction it started with still describes the output.
+    final = previous if previous is not None and not pending.num_rows \
+        else compact(options.output, storage, bookkeeping_columns)
     overlay_uris = _write_overlays(options, storage, final) if options.overlays else []
     wall = time.monotonic() - started
-    report = _build_report(options, storage, run_id, checkpoint.id2label, plan, listed, pending, processed,
-                           final.images, wall, pipeline_seconds, overlay_uris)
+    report = _build_report(options, storage, run_id, checkpoint.id2label, plan, listed, pending, tally,
+                           final.images, wall, pipeline_started, pipeline_seconds, overlay_uris)
     report["report_uri"] = write_json(options.output, storage, "report.json", json.dumps(report, indent=2))
     return report
 
@@ -198,8 +201,8 @@ def _input_blocks(pending: pa.Table, batch_size: int) -> list[pa.Table]:
 
 
 def _run_pipeline(pending: pa.Table, options: SegmentationOptions, storage: StorageConfig, plan: PoolPlan,
-                  run_id: str) -> list[dict]:
-    """Runs the Ray Data chain over `pending` and returns the images rows the writers committed."""
+                  run_id: str) -> ResultTally:
+    """Runs the Ray Data chain over `pending` and returns the counts of the images rows the writers committed."""
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = options.show_progress
     tracker = ProgressTracker.remote()
@@ -234,16 +237,13 @@ def _run_pipeline(pending: pa.Table, options: SegmentationOptions, storage: Stor
     )
     watchdog = StallWatchdog(tracker, expected=pending.num_rows, stall_timeout=options.stall_timeout)
     watchdog.start()
-    committed: list[dict] = []
+    tally = ResultTally()
     failures: list[BaseException] = []
 
     def collect_results() -> None:
         try:
             for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
-                rows = batch.select(["image_uri", "status", "error_stage", "panoptic_segments",
-                                     "instance_segments", "semantic_segments"]).to_pylist()
-                arrived = time.monotonic()
-                committed.extend({**row, "_arrived": arrived} for row in rows)
+                tally.add(batch.select(list(RESULT_COLUMNS)), time.monotonic())
         except BaseException as error:  # noqa: BLE001 - re-raised in the driver's thread below
             failures.append(error)
 
@@ -261,39 +261,24 @@ def _run_pipeline(pending: pa.Table, options: SegmentationOptions, storage: Stor
         watchdog.stop()
     if failures:
         raise failures[0]
-    return committed
+    return tally
 
 
-def _write_overlays(options: SegmentationOptions, storage: StorageConfig, final) -> list[str]:
-    chosen = final.images.filter(pc.equal(final.images["status"], "ok")).sort_by("image_id") \
-        .slice(0, options.overlays)
-    stems = sorted({final.stems[uri] for uri in chosen["image_uri"].to_pylist()})
-    segments = pa.concat_tables([read_table_file(options.output, storage, SEGMENTS_DIR, s).cast(SEGMENTS_SCHEMA)
-                                 for s in stems]) if stems else SEGMENTS_SCHEMA.empty_table()
+def _write_overlays(options: SegmentationOptions, storage: StorageConfig, final: CompactionResult) -> list[str]:
+    ok_positions = pc.indices_nonzero(pc.equal(final.images["status"], "ok"))
+    by_image_id = pc.sort_indices(pc.take(final.images["image_id"], ok_positions))
+    chosen_positions = pc.take(ok_positions, by_image_id.slice(0, options.overlays))
+    chosen = final.images.take(chosen_positions)
+    stems = sorted(set(final.stems_of(chosen_positions)))
+    segments = pa.concat_tables([table.cast(SEGMENTS_SCHEMA) for table in
+                                 read_table_files(options.output, storage, SEGMENTS_DIR, stems)]) \
+        if stems else SEGMENTS_SCHEMA.empty_table()
     return write_overlays(options.output, storage, chosen, segments, count=options.overlays, tasks=options.tasks)
 
 
-def _steady_state(processed: list[dict], pipeline_seconds: float) -> dict:
-    """Rate once the first batch is out (actor start-up excluded): what a long run converges to."""
-    if not processed:
-        return {"pipeline_first_result_s": None, "steady_images_per_s": None}
-    first = min(row["_arrived"] for row in processed)
-    after_first = sum(1 for row in processed if row["_arrived"] > first)
-    steady_seconds = pipeline_seconds - first
-    return {"pipeline_first_result_s": round(first, 3),
-            "steady_images_per_s": round(after_first / steady_seconds, 4) if after_first and steady_seconds > 0
-            else None}
-
-
 def _build_report(options: SegmentationOptions, storage: StorageConfig, run_id: str, id2label: dict,
-                  plan: PoolPlan | None, listed: pa.Table, pending: pa.Table, processed: list[dict], final: pa.Table,
-                  wall: float, pipeline_seconds: float, overlay_uris: list[str]) -> dict:
-    ok = [r for r in processed if r["status"] == "ok"]
-    errors_by_stage: dict[str, int] = {}
-    for row in processed:
-        if row["status"] != "ok":
-            errors_by_stage[row["error_stage"]] = errors_by_stage.get(row["error_stage"], 0) + 1
-    totals = final.to_pylist()
+                  plan: PoolPlan | None, listed: pa.Table, pending: pa.Table, tally: ResultTally, final: pa.Table,
+                  wall: float, pipeline_started: float, pipeline_seconds: float, overlay_uris: list[str]) -> dict:
     args = {k: v for k, v in asdict(options).items() if k != "storage_options"}
     args["storage_options"] = storage.redacted()
     args["tasks"] = list(options.tasks)
@@ -305,23 +290,18 @@ def _build_report(options: SegmentationOptions, storage: StorageConfig, run_id: 
         "labels": {str(k): v for k, v in sorted(id2label.items())},
         "inputs_seen": listed.num_rows,
         "skipped_already_ok": listed.num_rows - pending.num_rows,
-        "processed": len(processed),
-        "ok": len(ok),
-        "errors": len(processed) - len(ok),
-        "errors_by_stage": errors_by_stage,
-        "segments": {task: sum(r[f"{task}_segments"] or 0 for r in ok) for task in options.tasks},
+        "processed": tally.processed,
+        "ok": tally.ok,
+        "errors": tally.errors,
+        "errors_by_stage": tally.errors_by_stage,
+        "segments": {task: tally.segments[task] for task in options.tasks},
         "wall_time_s": round(wall, 3),
-        "images_per_s": round(len(processed) / wall, 4) if wall > 0 else None,
+        "images_per_s": round(tally.processed / wall, 4) if wall > 0 else None,
         # The Ray Data part alone: actor start-up included, model validation/listing/compaction not.
         "pipeline_wall_time_s": round(pipeline_seconds, 3),
-        "pipeline_images_per_s": round(len(processed) / pipeline_seconds, 4) if pipeline_seconds > 0 else None,
-        **_steady_state(processed, pipeline_seconds),
-        "output_totals": {
-            "images": len(totals),
-            "ok": sum(1 for r in totals if r["status"] == "ok"),
-            "errors": sum(1 for r in totals if r["status"] != "ok"),
-            "segments": {task: sum(r[f"{task}_segments"] or 0 for r in totals) for task in TASKS},
-        },
+        "pipeline_images_per_s": round(tally.processed / pipeline_seconds, 4) if pipeline_seconds > 0 else None,
+        **tally.steady_state(pipeline_started, pipeline_seconds),
+        "output_totals": output_totals(final),
         "tables": {"segments": join_uri(options.output, SEGMENTS_DIR), "images": join_uri(options.output, IMAGES_DIR)},
         "overlays": overlay_uris,
         "pools": plan.as_dict() if plan is not None else None,

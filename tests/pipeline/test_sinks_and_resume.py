@@ -103,18 +103,24 @@ def test_compaction_rewrites_only_the_files_that_hold_superseded_rows(tmp_path):
     untouched = [commit(output, "20260101T000000Z-a", {f"/ok{i}-{j}": "ok" for j in range(3)}) for i in range(4)]
     mixed = commit(output, "20260101T000000Z-a", {"/x": "ok", "/y": "error"})
     all_failed = commit(output, "20260101T000000Z-a", {"/z": "error"})
-    commit(output, "20260102T000000Z-b", {"/y": "ok", "/z": "ok"})
+    retried = commit(output, "20260101T000000Z-a", {"/w": "ok", "/v": "ok"})
+    commit(output, "20260102T000000Z-b", {"/y": "ok", "/z": "ok", "/w": "ok"})
     before = {stem: (tmp_path / "images" / f"{stem}.parquet").stat().st_mtime_ns for stem in untouched}
     result = compact(output, STORAGE)
-    assert result.rewritten_stems == [mixed] and result.removed_stems == [all_failed]
+    assert result.rewritten_stems == sorted([mixed, retried]) and result.removed_stems == [all_failed]
     assert {stem: (tmp_path / "images" / f"{stem}.parquet").stat().st_mtime_ns for stem in untouched} == before
     images = pq.read_table(tmp_path / "images")
-    assert images.num_rows == 15 and len(set(images["image_uri"].to_pylist())) == 15
-    # The result names the files that now hold each winning row, the rewritten one included.
+    assert images.num_rows == 17 and len(set(images["image_uri"].to_pylist())) == 17
+    segments = pq.read_table(tmp_path / "segments")
+    assert sorted(segments["image_uri"].to_pylist()) == sorted(images["image_uri"].to_pylist())
+    # The result names the files that now hold each winning row: a batch that lost only an error row keeps
+    # its name (its images file replaced in place), one that lost an ok row (and its segments) gets a new one.
     position_of = {uri: i for i, uri in enumerate(result.images["image_uri"].to_pylist())}
-    [x_stem] = result.stems_of(pa.array([position_of["/x"]]))
-    assert x_stem.startswith(f"{mixed}-k") and (tmp_path / "segments" / f"{x_stem}.parquet").exists()
-    assert pq.read_table(tmp_path / "segments" / f"{x_stem}.parquet")["image_uri"].to_pylist() == ["/x"]
+    x_stem, v_stem = result.stems_of(pa.array([position_of["/x"], position_of["/v"]]))
+    assert x_stem == mixed
+    assert pq.read_table(tmp_path / "images" / f"{x_stem}.parquet")["image_uri"].to_pylist() == ["/x"]
+    assert v_stem.startswith(f"{retried}-k")
+    assert pq.read_table(tmp_path / "segments" / f"{v_stem}.parquet")["image_uri"].to_pylist() == ["/v"]
 
 
 def test_winners_match_a_row_by_row_reference_on_many_random_duplicates(tmp_path):
