@@ -11,8 +11,8 @@ What it builds on a fresh moto server on 127.0.0.1 (untimed, in this process):
 - a finished output of the first --finished-images entries (all ok), and a manifest of just those;
 - --bucket-objects small objects under s3://scale/bucket/<prefix>/ for a folder listing.
 
-What it measures, each case in a fresh child process (peak RSS = that process's ru_maxrss, i.e. the
-job's driver, imports included):
+What it measures, each case in a fresh child process (peak RSS = that process's VmHWM, i.e. the job's
+driver, imports included: `pipeline` brings Ray and torch along, ~0.3-0.5 GiB before any work):
 1. listing + resume check: `list_inputs` of the big manifest, `compact` of the half-done output, and the
    anti-join that leaves the inputs still to label;
 2. no-op --resume: `run_segmentation(resume=True)` over the finished output (nothing to label, Ray never starts);
@@ -182,6 +182,10 @@ def build_data(args: argparse.Namespace, storage, codes: list[str]) -> dict:
 
 
 def _peak_rss_mib() -> float:
+    """VmHWM: unlike ru_maxrss, it starts afresh at exec instead of carrying over the parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024, 1)
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
