@@ -162,8 +162,11 @@ def _read_manifest(filesystem, path: str, input_uri: str) -> pa.Table:
     elif lowered.endswith(".csv"):
         table = pa_csv.read_csv(pa.BufferReader(raw))
     else:
-        table = pq.read_table(pa.BufferReader(raw))
-    uri_column = _manifest_uri_column(table, input_uri)
+        parquet = pq.ParquetFile(pa.BufferReader(raw))
+        names = parquet.schema_arrow.names
+        uri_column = _manifest_uri_column(parquet.schema_arrow, input_uri)
+        table = parquet.read(columns=[uri_column, *(["image_id"] if "image_id" in names else [])])
+    uri_column = _manifest_uri_column(table.schema, input_uri)
     entries = pc.utf8_trim_whitespace(table.column(uri_column).cast(pa.string()))
     present = pc.fill_null(pc.greater(pc.utf8_length(entries), 0), False)
     entries = pc.filter(entries, present)
@@ -183,14 +186,14 @@ def _text_lines(raw: bytes) -> pa.Array:
     return pc.utf8_trim_whitespace(lines).cast(pa.string())
 
 
-def _manifest_uri_column(table: pa.Table, input_uri: str) -> str:
+def _manifest_uri_column(schema: pa.Schema, input_uri: str) -> str:
     for name in _URI_COLUMN_NAMES:
-        if name in table.column_names:
+        if name in schema.names:
             return name
-    string_columns = [f.name for f in table.schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)]
-    if len(table.column_names) == 1 and string_columns:
+    string_columns = [f.name for f in schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)]
+    if len(schema.names) == 1 and string_columns:
         return string_columns[0]
-    raise ValueError(f"manifest {input_uri} has columns {table.column_names}; name the column of image URIs "
+    raise ValueError(f"manifest {input_uri} has columns {schema.names}; name the column of image URIs "
                      f"one of {list(_URI_COLUMN_NAMES)}")
 
 

@@ -134,3 +134,13 @@ def test_s3_manifest_entries_resolve_beside_the_manifest(s3_storage):
         {"image_uri": "s3://manifests/runs/rel/a.png", "image_id": "s3://manifests/runs/rel/a.png"},
         {"image_uri": "s3://other/b.png", "image_id": "bee"},
         {"image_uri": "s3://x/c.png", "image_id": "see"}]
+
+
+def test_non_ascii_folder_and_file_names_give_exact_relative_ids(tmp_path):
+    root = tmp_path / "fotos-été"
+    for relative in ["ça/über.png", "日本/猫.jpg"]:
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        (root / relative).write_bytes(b"x")
+    table = list_inputs(str(root), STORAGE)
+    assert table["image_id"].to_pylist() == ["ça/über.png", "日本/猫.jpg"]
+    assert table["image_uri"].to_pylist() == [str(root / "ça/über.png"), str(root / "日本/猫.jpg")]
