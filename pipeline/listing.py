@@ -18,7 +18,6 @@ import posixpath
 import re
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
@@ -167,23 +166,30 @@ def _read_manifest(filesystem, path: str, input_uri: str) -> pa.Table:
         uri_column = _manifest_uri_column(parquet.schema_arrow, input_uri)
         table = parquet.read(columns=[uri_column, *(["image_id"] if "image_id" in names else [])])
     uri_column = _manifest_uri_column(table.schema, input_uri)
-    entries = pc.utf8_trim_whitespace(table.column(uri_column).cast(pa.string()))
+    entries = _trimmed(table.column(uri_column).cast(pa.string()))
     present = pc.fill_null(pc.greater(pc.utf8_length(entries), 0), False)
-    entries = pc.filter(entries, present)
+    if not pc.all(present).as_py():
+        entries = pc.filter(entries, present)
     uris = _resolve_manifest_entries(entries, posixpath.dirname(path), input_uri)
     if "image_id" in table.column_names and uri_column != "image_id":
-        ids = pc.utf8_trim_whitespace(pc.filter(table.column("image_id").cast(pa.string()), present))
+        ids = _trimmed(pc.filter(table.column("image_id").cast(pa.string()), present))
         image_ids = pc.if_else(pc.fill_null(pc.greater(pc.utf8_length(ids), 0), False), ids, uris)
     else:
         image_ids = uris
     return pa.table({"image_uri": uris, "image_id": image_ids}, schema=LISTED_SCHEMA)
 
 
+def _trimmed(strings: pa.ChunkedArray) -> pa.ChunkedArray:
+    """Without surrounding whitespace; no copy when there is none (the usual case at 10M entries)."""
+    if pc.any(pc.match_substring_regex(strings, r"^\s|\s$")).as_py():
+        return pc.utf8_trim_whitespace(strings)
+    return strings
+
+
 def _text_lines(raw: bytes) -> pa.Array:
     """The lines of a UTF-8 text, split by Arrow (one string per line, no Python object per line)."""
     text = pa.array([raw], pa.large_binary()).cast(pa.large_string())
-    lines = pc.split_pattern(text, "\n").flatten()
-    return pc.utf8_trim_whitespace(lines).cast(pa.string())
+    return _trimmed(pc.split_pattern(text, "\n").flatten()).cast(pa.string())
 
 
 def _manifest_uri_column(schema: pa.Schema, input_uri: str) -> str:
@@ -197,38 +203,60 @@ def _manifest_uri_column(schema: pa.Schema, input_uri: str) -> str:
                      f"one of {list(_URI_COLUMN_NAMES)}")
 
 
-def _resolve_manifest_entries(entries: pa.ChunkedArray, manifest_dir: str, input_uri: str) -> pa.ChunkedArray:
+def _resolve_manifest_entries(entries: pa.ChunkedArray, manifest_dir: str, input_uri: str) -> pa.Array:
     """Entries with a scheme or an absolute local path stand as they are (file:// ones become local paths);
-    relative ones sit beside the manifest. Local paths come out absolute and normalised."""
+    relative ones sit beside the manifest. Local paths come out absolute and normalised. Only the entries that
+    change are computed on (copies of a 10M-entry column add up)."""
+    entries = entries.combine_chunks()
+    local_input = is_local_uri(input_uri)
     has_scheme = pc.match_substring(entries, "://")
-    if is_local_uri(input_uri):
-        is_file_uri = pc.starts_with(entries, "file://")
-        local = pc.if_else(is_file_uri, pc.utf8_slice_codeunits(entries, len("file://")), entries)
-        local = pc.if_else(pc.starts_with(local, "/"), local,
-                           pc.binary_join_element_wise(manifest_dir.rstrip("/") + "/", local, ""))
-        is_local = pc.or_(is_file_uri, pc.invert(has_scheme))
-        return pc.if_else(is_local, _normalised_local_paths(local, is_local), entries)
-    protocol = protocol_of(input_uri)
-    absolute = pc.binary_join_element_wise(f"{protocol}://", pc.utf8_ltrim(entries, "/"), "")
-    relative = pc.binary_join_element_wise(f"{protocol}://{manifest_dir.rstrip('/')}/" if manifest_dir
-                                           else f"{protocol}://", entries, "")
-    return pc.if_else(has_scheme, entries, pc.if_else(pc.starts_with(entries, "/"), absolute, relative))
+    changes = pc.or_(pc.starts_with(entries, "file://"), pc.invert(has_scheme)) if local_input \
+        else pc.invert(has_scheme)
+    if local_input:  # absolute local paths change only when abspath would change them
+        changes = pc.and_(changes, pc.or_(pc.invert(pc.starts_with(entries, "/")),
+                                          pc.match_substring_regex(entries, _NOT_NORMALISED)))
+    if not pc.any(changes).as_py():
+        return entries
+    subset = pc.filter(entries, changes)
+    beside_manifest = manifest_dir.rstrip("/") + "/"
+    if local_input:
+        subset = pc.if_else(pc.starts_with(subset, "file://"), pc.utf8_slice_codeunits(subset, len("file://")), subset)
+        subset = pc.if_else(pc.starts_with(subset, "/"), subset,
+                            pc.binary_join_element_wise(beside_manifest, subset, ""))
+        resolved = _normalised_local_paths(subset)
+    else:
+        protocol = protocol_of(input_uri)
+        resolved = pc.if_else(pc.starts_with(subset, "/"),
+                              pc.binary_join_element_wise(f"{protocol}://", pc.utf8_ltrim(subset, "/"), ""),
+                              pc.binary_join_element_wise(f"{protocol}://{beside_manifest}", subset, ""))
+    return pc.replace_with_mask(entries, changes, resolved)
 
 
-def _normalised_local_paths(paths: pa.ChunkedArray, is_local: pa.ChunkedArray) -> pa.ChunkedArray:
-    """os.path.abspath of each local path, run in Python only for the few paths it would change."""
-    needs_python = pc.and_(is_local, pc.match_substring_regex(paths, _NOT_NORMALISED))
-    positions = pc.indices_nonzero(needs_python)
-    if len(positions) == 0:
+def _normalised_local_paths(paths: pa.Array) -> pa.Array:
+    """os.path.abspath of each absolute path, run in Python only for the few paths it would change."""
+    needs_python = pc.match_substring_regex(paths, _NOT_NORMALISED)
+    if not pc.any(needs_python).as_py():
         return paths
-    fixed = pa.array([os.path.abspath(p) for p in pc.take(paths, positions).to_pylist()], pa.string())
-    return pc.replace_with_mask(paths.combine_chunks(), needs_python.combine_chunks(), fixed)
+    fixed = [os.path.abspath(path) for path in pc.filter(paths, needs_python).to_pylist()]
+    return pc.replace_with_mask(paths, needs_python, pa.array(fixed, pa.string()))
 
 
 def _drop_duplicates(table: pa.Table) -> pa.Table:
     """Keeps the first row of each image_uri, in the original order."""
-    positions = table.append_column("_position", pa.array(np.arange(table.num_rows, dtype=np.int64)))
-    firsts = positions.group_by("image_uri").aggregate([("_position", "min")])["_position_min"]
-    if len(firsts) == table.num_rows:
-        return table
-    return table.take(pc.take(firsts, pc.sort_indices(firsts)))
+    first_positions = _first_occurrences(table["image_uri"].combine_chunks())
+    return table if first_positions is None else table.take(first_positions)
+
+
+def _first_occurrences(values: pa.Array) -> pa.Array | None:
+    """Positions of the first occurrence of each value, ascending; None when no value repeats.
+
+    By a stable sort rather than a hash table: at 10M strings a hash table costs several times the strings'
+    own size, the sort only an index per value."""
+    order = pc.sort_indices(values)  # stable: equal values keep their original order
+    ordered = pc.take(values, order)
+    repeats_previous = pc.equal(ordered.slice(1), ordered.slice(0, max(len(ordered) - 1, 0)))
+    if not pc.any(repeats_previous).as_py():
+        return None
+    is_first = pa.concat_arrays([pa.array([True]), pc.invert(repeats_previous)])
+    first_positions = pc.filter(order, is_first)
+    return pc.take(first_positions, pc.sort_indices(first_positions))

@@ -66,12 +66,12 @@ def load_image_rows(output_uri: str, storage: StorageConfig,
 
 
 def _split_winners(rows: pa.Table) -> tuple[pa.Table, pa.Table]:
-    """(the latest row per image_uri, the superseded rows). Only images recorded more than once are sorted."""
-    counts = rows.group_by("image_uri").aggregate([("image_uri", "count")])
-    recorded_twice = counts.filter(pc.greater(counts["image_uri_count"], 1))["image_uri"]
-    if len(recorded_twice) == 0:
+    """(the latest row per image_uri, the superseded rows). Only images recorded more than once are sorted
+    by the whole key; finding them takes a sort of the URIs alone (a hash table of 10M strings would cost
+    several times their size)."""
+    contested_mask = _recorded_more_than_once(rows["image_uri"].combine_chunks())
+    if contested_mask is None:
         return rows, rows.slice(0, 0)
-    contested_mask = pc.is_in(rows["image_uri"], value_set=recorded_twice)
     contested = rows.filter(contested_mask)
     order = pc.sort_indices(
         contested.append_column("_ok", pc.equal(contested["status"], "ok")),
@@ -81,6 +81,20 @@ def _split_winners(rows: pa.Table) -> tuple[pa.Table, pa.Table]:
     is_last = pa.concat_arrays([pc.not_equal(uris.slice(0, len(uris) - 1), uris.slice(1)), pa.array([True])])
     winners = pa.concat_tables([rows.filter(pc.invert(contested_mask)), ordered.filter(is_last)])
     return winners, ordered.filter(pc.invert(is_last))
+
+
+def _recorded_more_than_once(uris: pa.Array) -> pa.Array | None:
+    """A mask of the rows whose URI occurs more than once; None when every URI is unique."""
+    order = pc.sort_indices(uris)
+    ordered = pc.take(uris, order)
+    same_as_next = pc.equal(ordered.slice(0, max(len(ordered) - 1, 0)), ordered.slice(1))
+    if not pc.any(same_as_next).as_py():
+        return None
+    in_a_group = pc.or_(pa.concat_arrays([same_as_next, pa.array([False])]),
+                        pa.concat_arrays([pa.array([False]), same_as_next]))  # in sorted order
+    mask = np.zeros(len(uris), bool)
+    mask[pc.filter(order, in_a_group).to_numpy()] = True
+    return pa.array(mask)
 
 
 def winning_rows(rows: pa.Table) -> pa.Table:
