@@ -95,7 +95,7 @@ def _list_folder(filesystem, path: str, input_uri: str, extensions: tuple[str, .
 
 def _list_s3_prefix(filesystem, root: str) -> pa.ChunkedArray:
     """Every object key under `root` ('bucket/prefix'), as 'bucket/key' strings: one paginated listing per
-    top-level sub-prefix, all running at once on s3fs's event loop."""
+    top-level sub-prefix, up to _LISTING_THREADS of them at once on s3fs's event loop."""
     import asyncio
 
     from fsspec.asyn import sync
@@ -114,7 +114,13 @@ def _list_s3_prefix(filesystem, root: str) -> pa.ChunkedArray:
 
     async def list_all() -> list[pa.Array]:
         top_chunks, sub_prefixes = await keys_under(prefix, "/")
-        results = await asyncio.gather(*(keys_under(p, "") for p in sub_prefixes))
+        slots = asyncio.Semaphore(_LISTING_THREADS)
+
+        async def recursive_keys(sub_prefix: str) -> tuple[list[pa.Array], list[str]]:
+            async with slots:
+                return await keys_under(sub_prefix, "")
+
+        results = await asyncio.gather(*(recursive_keys(p) for p in sub_prefixes))
         return top_chunks + [chunk for chunks, _ in results for chunk in chunks]
 
     chunks = sync(filesystem.loop, list_all)
