@@ -92,8 +92,7 @@ def list_stems(output_uri: str, storage: StorageConfig, table_name: str) -> list
 def read_table_file(output_uri: str, storage: StorageConfig, table_name: str, stem: str,
                     columns: list[str] | None = None) -> pa.Table:
     filesystem, path = _table_path(output_uri, storage, table_name, stem)
-    with filesystem.open(path, "rb") as handle:
-        return pq.read_table(pa.BufferReader(handle.read()), columns=columns)
+    return pq.read_table(pa.BufferReader(filesystem.cat_file(path)), columns=columns)  # one GET, no HEAD first
 
 
 def read_table_files(output_uri: str, storage: StorageConfig, table_name: str, stems: list[str],
@@ -107,8 +106,10 @@ def read_table_files(output_uri: str, storage: StorageConfig, table_name: str, s
 
 def remove_table_file(output_uri: str, storage: StorageConfig, table_name: str, stem: str) -> None:
     filesystem, path = _table_path(output_uri, storage, table_name, stem)
-    if filesystem.exists(path):
+    try:
         filesystem.rm_file(path)
+    except FileNotFoundError:
+        pass
 
 
 def remove_partial_files(output_uri: str, storage: StorageConfig) -> list[str]:

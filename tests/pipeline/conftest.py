@@ -30,3 +30,16 @@ def tiny_checkpoint_seed1(tmp_path_factory):
 @pytest.fixture(scope="session")
 def save_tiny_checkpoint():
     return save_tiny_checkpoint_to
+
+
+@pytest.fixture(scope="session")
+def s3_storage(tmp_path_factory):
+    """A StorageConfig for moto's S3 server on 127.0.0.1, started once per session (~3 s)."""
+    from infra.local_stack import start_s3_endpoint, stop_s3_endpoint
+    from pipeline.storage import StorageConfig
+
+    endpoint = start_s3_endpoint(log_dir=tmp_path_factory.mktemp("moto"))
+    try:
+        yield StorageConfig.resolve(endpoint.storage_options(), environ={})
+    finally:
+        stop_s3_endpoint(endpoint)

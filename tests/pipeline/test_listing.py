@@ -98,17 +98,6 @@ def test_text_manifest_of_many_entries_with_crlf_and_relative_dots_resolves_like
     assert table["image_uri"].to_pylist() == expected, "order kept, paths normalised, the duplicate dropped"
 
 
-@pytest.fixture(scope="module")
-def s3_storage(tmp_path_factory):
-    from infra.local_stack import start_s3_endpoint, stop_s3_endpoint
-
-    endpoint = start_s3_endpoint(log_dir=tmp_path_factory.mktemp("moto"))
-    try:
-        yield StorageConfig.resolve(endpoint.storage_options(), environ={})
-    finally:
-        stop_s3_endpoint(endpoint)
-
-
 def test_s3_folder_listing_pages_every_sub_prefix_and_matches_a_plain_find(s3_storage, monkeypatch):
     monkeypatch.setattr("pipeline.listing._S3_KEYS_PER_PAGE", 7)
     filesystem, _ = s3_storage.filesystem("s3://listing")

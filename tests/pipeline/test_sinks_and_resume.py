@@ -28,11 +28,15 @@ def segment_row(uri: str, run_id: str) -> dict:
 
 
 def commit(output: str, run_id: str, statuses: dict) -> str:
+    return commit_to(output, STORAGE, run_id, statuses)
+
+
+def commit_to(output: str, storage: StorageConfig, run_id: str, statuses: dict) -> str:
     images = pa.Table.from_pylist([image_row(u, s, run_id) for u, s in statuses.items()], schema=IMAGES_SCHEMA)
     segments = pa.Table.from_pylist([segment_row(u, run_id) for u, s in statuses.items() if s == "ok"],
                                     schema=SEGMENTS_SCHEMA)
     stem = batch_file_stem(run_id, list(statuses))
-    write_batch(output, STORAGE, stem, segments=segments, images=images)
+    write_batch(output, storage, stem, segments=segments, images=images)
     return stem
 
 
@@ -161,3 +165,25 @@ def test_result_tally_counts_batches_as_they_stream_in():
         "pipeline_first_result_s": 2.0, "steady_images_per_s": 0.25}  # 2 rows in the 8 s after the first batch
     assert output_totals(pa.concat_tables(batches)) == {"images": 4, "ok": 2, "errors": 2,
                                                         "segments": {"panoptic": 2, "instance": 0, "semantic": 0}}
+
+
+def test_compaction_on_s3_leaves_each_image_once_and_partial_objects_gone(s3_storage):
+    filesystem, _ = s3_storage.filesystem("s3://compaction")
+    filesystem.mkdir("compaction")
+    output = "s3://compaction/out"
+    for batch in range(6):
+        commit_to(output, s3_storage, "20260101T000000Z-a",
+                  {f"/img{batch}-{i}": ("error" if i == 0 else "ok") for i in range(4)})
+    commit_to(output, s3_storage, "20260102T000000Z-b", {f"/img{batch}-0": "ok" for batch in range(6)})
+    orphan = commit_to(output, s3_storage, "20260102T000000Z-b", {"/never-committed": "ok"})
+    filesystem.rm_file(f"compaction/out/images/{orphan}.parquet")
+    result = compact(output, s3_storage)
+    assert len(result.rewritten_stems) == 6 and result.removed_stems == []
+    assert result.removed_partial_files == [f"s3://compaction/out/segments/{orphan}.parquet"]
+    filesystem.invalidate_cache()
+    images = pq.read_table("compaction/out/images", filesystem=filesystem)
+    segments = pq.read_table("compaction/out/segments", filesystem=filesystem)
+    assert sorted(images["image_uri"].to_pylist()) == sorted(f"/img{b}-{i}" for b in range(6) for i in range(4))
+    assert set(images["status"].to_pylist()) == {"ok"}
+    assert sorted(segments["image_uri"].to_pylist()) == sorted(images["image_uri"].to_pylist())
+    assert compact(output, s3_storage).rewritten_stems == []
