@@ -144,12 +144,16 @@ class StorageConfig:
         with filesystem.open(path, "rb") as handle:
             return handle.read()
 
-    def write_text(self, uri: str, text: str) -> None:
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        """Writes one file (a local file's folders are created)."""
         filesystem, path = self.filesystem(uri)
         if is_local_uri(uri):
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with filesystem.open(path, "w") as handle:
-            handle.write(text)
+        with filesystem.open(path, "wb") as handle:
+            handle.write(data)
+
+    def write_text(self, uri: str, text: str) -> None:
+        self.write_bytes(uri, text.encode("utf-8"))
 
     def pyarrow_filesystem(self, uri: str):
         """(path, pyarrow filesystem) for APIs that take one (Ray Train's storage): None for local paths, which
