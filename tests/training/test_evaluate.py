@@ -1,5 +1,6 @@
-"""Evaluation end to end: ground truth scored against itself, a run's committed tables scored like the segments
-they hold (a killed run's leftovers ignored), and the model scored directly in the labeling job's way."""
+"""Evaluation: ground truth scored against itself, a run's committed tables scored like the segments they hold
+(a killed run's leftovers ignored), the labeling job's flag names. The model scored directly against a real run's
+tables: tests/pipeline/test_evaluation_and_export_of_runs.py."""
 from __future__ import annotations
 
 import json
@@ -10,13 +11,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.postprocess import PostprocessSettings, encode_mask
+from pipeline.postprocess import encode_mask
 from pipeline.records import IMAGES_SCHEMA, SEGMENTS_SCHEMA, ImageRecord, SegmentRecord, table_from_records
 from pipeline.sinks import write_batch, write_table_file
 from pipeline.storage import StorageConfig
-from tiny_checkpoints import save_tiny_checkpoint
-from training.evaluation import (Predictions, load_ground_truth, predict_segments, read_run_predictions,
-                                 score_predictions)
+from training.evaluation import Predictions, load_ground_truth, read_run_predictions, score_predictions
 from training.shapes import ShapesConfig, rgb_to_panoptic_id, write_shapes_dataset
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -28,12 +27,6 @@ def train_eval_shapes(tmp_path_factory) -> Path:
     return write_shapes_dataset(tmp_path_factory.mktemp("eval-shapes"), splits={"val": 5}, seed=7,
                                 config=ShapesConfig(image_size=64, min_object_size=16, max_object_size=28,
                                                     min_visible_pixels=60))
-
-
-@pytest.fixture(scope="module")
-def train_eval_model(tmp_path_factory) -> Path:
-    # Names match the shapes categories, so predictions map onto them.
-    return save_tiny_checkpoint(tmp_path_factory.mktemp("eval-model"), seed=3)
 
 
 def _load_job(name: str):
@@ -117,28 +110,6 @@ def test_committed_tables_score_like_their_segments_and_a_killed_batch_is_not_sc
     assert from_tables["images_without_predictions"] == 1
     assert direct["panoptic"]["stuff"]["pq"] < 100.0
     assert from_tables == direct
-
-
-def test_model_scored_directly_matches_its_segments_read_back_from_tables(tmp_path, train_eval_shapes,
-                                                                          train_eval_model):
-    ground_truth = load_ground_truth(str(train_eval_shapes), "val")
-    # A random model: a zero threshold keeps its (poor) segments so there is something to compare.
-    settings = PostprocessSettings(threshold=0.0)
-    predictions = predict_segments(str(train_eval_model), ground_truth, settings=settings, batch_size=2)
-    rows = predictions.segments.to_pylist()
-    assert rows and all(row["rle_size"] == [64, 64] for row in rows)
-    by_uri: dict[str, list[SegmentRecord]] = {}
-    for row in rows:
-        by_uri.setdefault(row["image_uri"], []).append(SegmentRecord(**row))
-    _commit(tmp_path / "run", "r-a", by_uri)
-
-    evaluate_main = _load_job("evaluate").main
-    direct = evaluate_main(["--model", str(train_eval_model), "--data", str(train_eval_shapes), "--threshold", "0",
-                            "--batch-size", "2", "--json", str(tmp_path / "direct.json")])
-    tables = evaluate_main(["--predictions", str(tmp_path / "run"), "--data", str(train_eval_shapes)])
-    for task in ("panoptic", "instance", "semantic"):
-        assert tables[task] == direct[task], task
-    assert json.loads((tmp_path / "direct.json").read_text())["panoptic"] == direct["panoptic"]
 
 
 def test_evaluate_takes_the_labeling_jobs_flag_names_and_the_old_spelling(capsys):
