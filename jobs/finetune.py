@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
 from pipeline.cli import add_storage_argument  # noqa: E402
-from pipeline.local_ray import connect_ray  # noqa: E402
+from pipeline.local_ray import connect_ray, drop_ray_false_alarms_from_stderr  # noqa: E402
 from training.finetune import run_finetune  # noqa: E402
 from training.train_loop import FinetuneConfig  # noqa: E402
 
@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> None:
         mixed_precision=not args.no_mixed_precision, augment=not args.no_augment, min_scale=args.min_scale,
         max_scale=args.max_scale, checkpoint_every=args.checkpoint_every, seed=args.seed)
 
+    drop_ray_false_alarms_from_stderr()
     connect_ray(args.address)  # RAY_ADDRESS's cluster, else an embedded Ray on 127.0.0.1
     result = run_finetune(config, num_workers=args.num_workers, use_gpu=args.use_gpu,
                           cpus_per_worker=args.cpus_per_worker, storage_path=args.storage_path, name=args.name,

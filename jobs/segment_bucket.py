@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from pipeline.checkpoint import ModelLoadError  # noqa: E402
 from pipeline.cli import add_postprocess_arguments, add_storage_argument  # noqa: E402
+from pipeline.local_ray import drop_ray_false_alarms_from_stderr  # noqa: E402
 from pipeline.progress import PipelineStalledError  # noqa: E402
 from pipeline.segment_job import OutputNotEmptyError, SegmentationOptions, run_segmentation  # noqa: E402
 
@@ -92,6 +93,7 @@ def print_summary(report: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    drop_ray_false_alarms_from_stderr()
     try:
         options = parse_args(argv)
         report = run_segmentation(options)
