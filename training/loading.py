@@ -3,11 +3,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from pipeline.storage import StorageConfig
 from training.augmentation import ScaleCropFlip
 from training.coco_instances import CocoInstanceDataset
 from training.coco_panoptic import CocoPanopticDataset
 from training.semantic_maps import SemanticMapDataset
-from pipeline.storage import StorageConfig
 from training.storage import open_location
 
 __all__ = ["load_coco_dataset", "load_semantic_dataset", "COCO_TASKS"]
@@ -16,7 +16,7 @@ COCO_TASKS = ("panoptic", "instance")
 
 
 def load_coco_dataset(root_or_uri: str, split: str, *, processor: Any, augmentation: ScaleCropFlip | None = None,
-                      task: str = "panoptic", storage_options: "StorageConfig | dict[str, Any] | None" = None,
+                      task: str = "panoptic", storage_options: StorageConfig | dict[str, Any] | None = None,
                       image_folder: str | None = None, on_bad_annotation: str = "skip"
                       ) -> CocoPanopticDataset | CocoInstanceDataset:
     """A COCO-format split as a torch Dataset of training items (see `SegmentationDataset`).
@@ -50,7 +50,7 @@ def load_coco_dataset(root_or_uri: str, split: str, *, processor: Any, augmentat
 
 def load_semantic_dataset(root_or_uri: str, split: str, *, processor: Any, id2label: dict[int, str],
                           reduce_labels: bool | None = None, augmentation: ScaleCropFlip | None = None,
-                          storage_options: "StorageConfig | dict[str, Any] | None" = None, image_folder: str | None = None,
+                          storage_options: StorageConfig | dict[str, Any] | None = None, image_folder: str | None = None,
                           label_folder: str | None = None, on_bad_annotation: str = "skip") -> SemanticMapDataset:
     """Semantic label maps as a torch Dataset of training items; ADE20K's layout by default:
 
