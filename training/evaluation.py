@@ -136,13 +136,13 @@ def predict_segments(model_uri: str, ground_truth: GroundTruthSplit, *, settings
                      dtype: str = "float32") -> Predictions:
     """Runs the model in `model_uri` on every image of the split, as the labeling job does: same decoding,
     preprocessing, batches of one pixel shape only (padding would change results), post-processing and RLE."""
+    import torch
+
     storage = storage or ground_truth.location.storage
     local = localize_checkpoint(model_uri, storage)
     processor = load_processor(local)
     model = load_model(local, device=device, dtype=dtype)
     id2label = read_id2label(local)
-    import torch
-
     torch_dtype = getattr(torch, dtype)
     records = []
     images = list(ground_truth.images)
