@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
-from pipeline.checkpoint import localize_checkpoint  # noqa: E402
+from pipeline.checkpoint import TORCH_DTYPES, localize_checkpoint  # noqa: E402
 from pipeline.cli import add_postprocess_arguments, add_storage_argument, probability_argument  # noqa: E402
 from pipeline.postprocess import PostprocessSettings, read_id2label  # noqa: E402
 from pipeline.storage import StorageConfig  # noqa: E402
@@ -46,6 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="panoptic: also fuse every label that is a stuff category (isthing 0) of the split")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="cpu", help="torch device of the model (cpu, cuda, cuda:1, ...)")
+    parser.add_argument("--dtype", default="float32", choices=TORCH_DTYPES, help="model weights and activations")
     add_storage_argument(parser)
     parser.add_argument("--json", dest="json_path", default=None, help="write the full report here (local or s3://)")
     return parser.parse_args(argv)
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
                                        mask_threshold=args.mask_threshold, overlap_threshold=args.overlap_threshold,
                                        label_ids_to_fuse=fuse)
         predictions = predict_segments(args.model, ground_truth, settings=settings, storage=storage,
-                                       batch_size=args.batch_size, device=args.device)
+                                       batch_size=args.batch_size, device=args.device, dtype=args.dtype)
     elif args.predictions:
         predictions = read_run_predictions(args.predictions, storage=storage)
     else:
