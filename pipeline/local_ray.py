@@ -73,6 +73,12 @@ def drop_ray_false_alarms_from_stderr() -> None:
     os.dup2(write_end, 2)
     os.close(write_end)
 
+    def write(data: bytes) -> None:
+        try:
+            os.write(terminal, data)
+        except OSError:
+            pass  # a closed reader (`| head`): keep draining the pipe so writers never block
+
     def copy_filtered() -> None:
         pending = b""
         while chunk := os.read(read_end, 65536):
@@ -82,9 +88,9 @@ def drop_ray_false_alarms_from_stderr() -> None:
             if pending and not pending.startswith(b"["):  # Ray's C++ lines start with '['; others go out now
                 kept, pending = kept + pending, b""
             if kept:
-                os.write(terminal, kept)
+                write(kept)
         if pending:
-            os.write(terminal, pending)
+            write(pending)
 
     copier = threading.Thread(target=copy_filtered, name="m2f-stderr-filter", daemon=True)
     copier.start()
