@@ -75,7 +75,8 @@ def drop_ray_false_alarms_from_stderr() -> None:
 
     def write(data: bytes) -> None:
         try:
-            os.write(terminal, data)
+            while data:
+                data = data[os.write(terminal, data):]
         except OSError:
             pass  # a closed reader (`| head`): keep draining the pipe so writers never block
 
