@@ -86,7 +86,8 @@ def add_postprocess_arguments(parser: argparse.ArgumentParser, *, tasks_default:
         "panoptic segments never overlap; instance segments keep each full mask (binarised at probability 0.5: "
         "--mask-threshold and --overlap-threshold do not affect them, as in transformers); semantic has one "
         "segment per class present and uses none of these thresholds")
-    group.add_argument("--tasks", type=tasks_argument, default=tasks_default,
+    # String defaults go through `type` too, and read as the user would write them in --help.
+    group.add_argument("--tasks", type=tasks_argument, default=",".join(tasks_default),
                        help=f"comma list of {','.join(TASKS)}")
     group.add_argument("--threshold", type=probability_argument, default=POSTPROCESS_DEFAULTS["threshold"],
                        help="panoptic and instance: minimum query score of a kept segment")
@@ -98,6 +99,6 @@ def add_postprocess_arguments(parser: argparse.ArgumentParser, *, tasks_default:
                        default=POSTPROCESS_DEFAULTS["overlap_threshold"],
                        help="panoptic only: minimum fraction of a query's mask left visible after overlaps for "
                             "its segment to be kept (instance: no effect)")
-    group.add_argument("--label-ids-to-fuse", type=label_ids_argument, default=(),
+    group.add_argument("--label-ids-to-fuse", type=label_ids_argument, default="",
                        help="panoptic only: comma list of label ids whose segments are merged into one per image "
-                            "(stuff classes); default none")
+                            "(stuff classes)")
