@@ -45,8 +45,13 @@ class ExportSummary:
     files: list[str]
 
 
-def panoptic_png_name(file_name: str) -> str:
-    return posixpath.splitext(file_name.lstrip("/"))[0] + ".png"
+def panoptic_png_name(file_name: str, taken: set[str]) -> str:
+    """`a/b.jpg` -> `a/b.png` (COCO's convention), or `a/b.jpg.png` when another image already took that name."""
+    name = posixpath.splitext(file_name.lstrip("/"))[0] + ".png"
+    if name in taken:
+        name = file_name.lstrip("/") + ".png"
+    taken.add(name)
+    return name
 
 
 def _categories(id2label: dict[int, str], stuff_label_ids: set[int]) -> list[dict]:
@@ -71,6 +76,7 @@ def export_coco(run_uri: str, export_uri: str, *, storage: StorageConfig, id2lab
 
     instance_annotations = []
     panoptic_annotations = []
+    png_names: set[str] = set()
     files = []
     for image in images:
         rows = segments_by_uri.get(image["m2f_image_uri"], [])
@@ -92,7 +98,7 @@ def export_coco(run_uri: str, export_uri: str, *, storage: StorageConfig, id2lab
             segments_info.append({"id": int(row["segment_id"]), "category_id": row["label_id"] + 1,
                                   "area": int(row["area"]), "bbox": [float(v) for v in row["bbox"]],
                                   "iscrowd": 0, "score": float(row["score"])})
-        png_name = panoptic_png_name(image["file_name"])
+        png_name = panoptic_png_name(image["file_name"], png_names)
         rgb = np.stack([ids % 256, ids // 256 % 256, ids // 65536], axis=-1).astype(np.uint8)  # (height, width, 3)
         buffer = io.BytesIO()
         Image.fromarray(rgb).save(buffer, format="PNG")

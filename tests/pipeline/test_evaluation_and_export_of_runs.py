@@ -101,3 +101,11 @@ def test_coco_export_loads_in_pycocotools_and_scores_like_the_tables(killed_then
     from_export = _job("evaluate").main(["--coco-export", str(tmp_path), "--data", str(run["data"])])
     for task in ("panoptic", "instance"):
         assert from_export[task] == run["resumed"][task], task
+
+
+def test_panoptic_png_names_follow_coco_and_never_collide():
+    from pipeline.coco_export import panoptic_png_name
+
+    taken: set[str] = set()
+    assert [panoptic_png_name(name, taken) for name in ("a/b.jpg", "a/b.png", "c.png")] == \
+        ["a/b.png", "a/b.png.png", "c.png"]
