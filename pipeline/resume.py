@@ -28,12 +28,13 @@ from pipeline.sinks import (IMAGES_DIR, SEGMENTS_DIR, list_stems, read_table_fil
                             remove_partial_files, remove_table_file, write_table_file)
 from pipeline.storage import StorageConfig
 
-__all__ = ["BOOKKEEPING_COLUMNS", "CompactionResult", "load_image_rows", "winning_rows", "compact",
+__all__ = ["BOOKKEEPING_COLUMNS", "FILE_INDEX_COLUMN", "CompactionResult", "load_image_rows", "winning_rows", "compact",
            "done_image_uris"]
 
 # What resume, compaction and the report's totals read of each images row (image_id only for overlays).
 BOOKKEEPING_COLUMNS: tuple[str, ...] = ("image_uri", "status", "run_id", *(f"{task}_segments" for task in TASKS))
-_FILE = "_file"  # index into the sorted list of stems: ordering by it orders by stem
+FILE_INDEX_COLUMN = "_file"  # index into the sorted list of stems: ordering by it orders by stem
+_FILE = FILE_INDEX_COLUMN
 _REWRITE_THREADS = 8
 
 

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.records import SEGMENTS_SCHEMA
-from pipeline.resume import load_image_rows, winning_rows
-from pipeline.sinks import SEGMENTS_DIR, read_table_file
+from pipeline.records import IMAGES_SCHEMA, SEGMENTS_SCHEMA
+from pipeline.resume import FILE_INDEX_COLUMN, load_image_rows, winning_rows
+from pipeline.sinks import SEGMENTS_DIR, read_table_files
 from pipeline.storage import StorageConfig
 
 __all__ = ["RunTables", "read_run_tables"]
@@ -30,17 +30,18 @@ class RunTables:
 
 def read_run_tables(output_uri: str, storage: StorageConfig) -> RunTables:
     """The committed tables of the run in `output_uri` (local or any fsspec URI)."""
-    winners = winning_rows(load_image_rows(output_uri, storage))
+    rows, stems = load_image_rows(output_uri, storage, tuple(IMAGES_SCHEMA.names))
+    winners = winning_rows(rows).sort_by("image_uri")
     if winners.num_rows == 0:
         raise FileNotFoundError(f"no committed images/*.parquet under {output_uri}; pass the --output folder of "
                                 "jobs/segment_bucket.py")
     ok = winners.filter(pc.equal(winners["status"], "ok"))
     uris_by_stem: dict[str, list[str]] = {}
-    for uri, stem in zip(ok["image_uri"].to_pylist(), ok["_stem"].to_pylist()):
-        uris_by_stem.setdefault(stem, []).append(uri)
-    segments = [read_table_file(output_uri, storage, SEGMENTS_DIR, stem).cast(SEGMENTS_SCHEMA)
-                for stem in sorted(uris_by_stem)]
+    for uri, file_index in zip(ok["image_uri"].to_pylist(), ok[FILE_INDEX_COLUMN].to_pylist()):
+        uris_by_stem.setdefault(stems[file_index], []).append(uri)
+    segments = [table.cast(SEGMENTS_SCHEMA)
+                for table in read_table_files(output_uri, storage, SEGMENTS_DIR, sorted(uris_by_stem))]
     segments = [table.filter(pc.is_in(table["image_uri"], pa.array(uris_by_stem[stem], pa.string())))
                 for table, stem in zip(segments, sorted(uris_by_stem))]
-    return RunTables(images=winners.drop_columns(["_stem"]),
+    return RunTables(images=winners.drop_columns([FILE_INDEX_COLUMN]),
                      segments=pa.concat_tables(segments) if segments else SEGMENTS_SCHEMA.empty_table())
