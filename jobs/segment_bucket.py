@@ -18,6 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from pipeline.checkpoint import ModelLoadError  # noqa: E402
+from pipeline.pools import PoolPlacementError  # noqa: E402
 from pipeline.progress import PipelineStalledError  # noqa: E402
 from pipeline.segment_job import OutputNotEmptyError, SegmentationOptions, run_segmentation  # noqa: E402
 
@@ -104,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         options = parse_args(argv)
         report = run_segmentation(options)
-    except (ModelLoadError, PipelineStalledError, OutputNotEmptyError, FileNotFoundError, ValueError) as error:
+    except (ModelLoadError, PipelineStalledError, PoolPlacementError, OutputNotEmptyError, FileNotFoundError,
+            ValueError) as error:
         print(f"segment_bucket: error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
