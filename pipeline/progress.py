@@ -110,7 +110,7 @@ class StallWatchdog(threading.Thread):
         last_answer = time.monotonic()
         while not self._stop_event.wait(self._poll_seconds):
             try:
-                counts, idle = ray.get(self._tracker.snapshot.remote(), timeout=self._answer_timeout)
+                counts, idle = self._ask_tracker()
             except Exception as error:  # noqa: BLE001 - unreachable is not stalled: wait for it, up to a point
                 silent = time.monotonic() - last_answer
                 logger.warning("progress tracker has not answered for %.0f s (%s: %s); not counted as a stall",
@@ -126,6 +126,9 @@ class StallWatchdog(threading.Thread):
             if idle > self._stall_timeout:
                 self._fail(PipelineStalledError(describe_stall(counts, self._expected, idle)))
                 return
+
+    def _ask_tracker(self) -> tuple[dict, float]:
+        return ray.get(self._tracker.snapshot.remote(), timeout=self._answer_timeout)
 
     def _fail(self, failure: PipelineStalledError) -> None:
         self.failure = failure
