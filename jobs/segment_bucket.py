@@ -45,9 +45,9 @@ def parse_args(argv: list[str] | None = None) -> SegmentationOptions:
                                                                 "one segment per image (stuff classes)")
     parser.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size, help="images per forward pass")
     parser.add_argument("--preprocess-actors", type=int, default=None, help="decode/preprocess actors "
-                                                                            "(default: from cluster resources)")
-    parser.add_argument("--model-actors", type=int, default=None, help="model actors (default: one per GPU, "
-                                                                       "else one per 8 CPUs)")
+                                                                            "(default: enough for the model's rate)")
+    parser.add_argument("--model-actors", type=int, default=None, help="model actors (default: one per GPU, else "
+                                                                       "up to 8 CPUs each on every node with room)")
     parser.add_argument("--postprocess-actors", type=int, default=None, help="post-process/write actors")
     parser.add_argument("--dtype", default=DEFAULTS.dtype, choices=["float32", "bfloat16", "float16"],
                         help="model weights and activations dtype")
