@@ -259,7 +259,7 @@ def _describe_nodes(nodes: list[NodeShape]) -> str:
     if not nodes:
         return "no alive nodes"
     counted: dict[str, int] = {}
-    for node in nodes:
+    for node in sorted(nodes, key=lambda n: (not n.is_head, -n.gpus, -n.cpus)):  # the same text in any order
         counted[node.describe()] = counted.get(node.describe(), 0) + 1
     return "; ".join(f"{n} x {shape}" if n > 1 else shape for shape, n in counted.items())
 

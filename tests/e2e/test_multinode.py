@@ -149,14 +149,17 @@ def assert_every_input_and_segment_exactly_once(output: Path, inputs: list[str])
     assert sum(row["semantic_segments"] for row in images.to_pylist()) > 0, "nothing was segmented"
 
 
-def lost_pipeline_actors() -> list[str]:
-    """Ray Data actors restarted after dying with their node (state API, via the head). Ray Data ends every actor
-    when the job finishes, so a lost actor shows as restarted, not as dead."""
+def actors_by_kind() -> tuple[list[str], list[tuple[str, int]]]:
+    """(Ray Data actors restarted after dying with their node, (node id, restarts) of every progress tracker), from
+    the state API via the head. Ray Data ends every actor when the job finishes, so a lost actor shows as
+    restarted, not as dead."""
     from ray.util.state import list_actors
 
     actors = list_actors(detail=True, limit=10_000, raise_on_missing_output=False)
-    return [f"{a.class_name} restarts={a.num_restarts}" for a in actors
-            if a.class_name.startswith("MapWorker") and int(a.num_restarts or 0) > 0]
+    restarted = [f"{a.class_name} restarts={a.num_restarts}" for a in actors
+                 if a.class_name.startswith("MapWorker") and int(a.num_restarts or 0) > 0]
+    trackers = [(a.node_id, int(a.num_restarts or 0)) for a in actors if a.class_name == "ProgressTracker"]
+    return restarted, trackers
 
 
 def job_options(folder: Path, output: Path, model: Path, **overrides) -> SegmentationOptions:
@@ -215,9 +218,11 @@ def test_each_worker_node_dies_mid_run_and_a_fresh_one_joins_yet_every_input_is_
     report = outcome["report"]
     assert len(kills) == 2 and all(running and 0 < committed < len(inputs) for committed, running in kills), \
         f"a node death was not mid-run: {kills}"
-    lost = lost_pipeline_actors()
+    lost, trackers = actors_by_kind()
     print(f"node deaths at (committed, running): {kills}; pipeline {report['pipeline_wall_time_s']} s; "
           f"lost actors: {lost}")
     assert lost, "no pipeline actor lived on the killed nodes: the kills tested nothing"
+    assert trackers and all(node == cluster.head_node.node_id and restarts == 0 for node, restarts in trackers), \
+        f"progress trackers off the driver's node or restarted: {trackers}"
     assert report["ok"] == len(inputs)
     assert_every_input_and_segment_exactly_once(output, inputs)

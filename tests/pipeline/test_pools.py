@@ -62,6 +62,12 @@ def test_small_nodes_get_requests_no_larger_than_a_node(worker_cpus):
     assert "head 1 CPU" in plan.nodes and f"2 x worker {worker_cpus} CPU" in plan.nodes
 
 
+def test_node_summary_is_the_same_whatever_order_ray_lists_the_nodes_in():
+    nodes = cluster((2, 0), (8, 1), (2, 0), head_cpus=1)
+    assert plan_pools(nodes).nodes == plan_pools(nodes[::-1]).nodes == \
+        "head 1 CPU; worker 8 CPU, 1 GPU; 2 x worker 2 CPU"
+
+
 def test_two_worker_nodes_each_host_a_model_actor_with_their_cores_as_threads():
     nodes = cluster((2, 0), (2, 0), head_cpus=1)
     plan = plan_pools(nodes)
