@@ -248,9 +248,11 @@ class Mask2FormerPixelDecoderEncoderLayer(nn.Module):
         feed_forward = F.dropout(F.relu(self.fc1(hidden_states)), p=self.dropout, training=self.training)
         feed_forward = F.dropout(self.fc2(feed_forward), p=self.dropout, training=self.training)
         hidden_states = self.final_layer_norm(hidden_states + feed_forward)
-        if self.training and not torch.isfinite(hidden_states).all():
+        if self.training:
+            # as transformers: clamp everything once anything overflowed; chosen on the device (no host sync)
             clamp = torch.finfo(hidden_states.dtype).max - 1000
-            hidden_states = hidden_states.clamp(min=-clamp, max=clamp)
+            hidden_states = torch.where(torch.isfinite(hidden_states).all(), hidden_states,
+                                        hidden_states.clamp(min=-clamp, max=clamp))
         return hidden_states, weights
 
 
