@@ -413,7 +413,7 @@ def bench_forward_on_device(report: DeviceReport, transformers_module: Any, *, d
                     differences = {"ours_vs_ours_float32": logits_difference(float32_output, our_output),
                                    "transformers_vs_ours_float32": logits_difference(float32_output, their_output),
                                    "ours_vs_transformers": logits_difference(their_output, our_output)}
-                    del their_output, float32_output
+                    del their_output
                     their_timing, our_timing = measure_pair(lambda: (theirs(), synchronize(device)),
                                                             lambda: (ours(), synchronize(device)), repeats, warmup)
                     their_peak, our_peak = peak_device_memory_mib(theirs, device), peak_device_memory_mib(ours, device)
@@ -446,6 +446,7 @@ def bench_forward_on_device(report: DeviceReport, transformers_module: Any, *, d
                         synchronize(device)
                         compile_s = time.perf_counter() - start
                         compiled_difference = logits_difference(our_output, compiled_output)
+                        compiled_float32_difference = logits_difference(float32_output, compiled_output)
                         del compiled_output
                         their_timing, compiled_timing = measure_pair(
                             lambda: (theirs(), synchronize(device)), lambda: (compiled(), synchronize(device)),
@@ -456,12 +457,14 @@ def bench_forward_on_device(report: DeviceReport, transformers_module: Any, *, d
                                   "images_per_s_transformers": batch / their_timing.wall_s,
                                   "ratio": their_timing.wall_s / compiled_timing.wall_s,
                                   "peak_mib_ours": compiled_peak, "compiled_vs_ours_eager": compiled_difference,
+                                  "compiled_vs_ours_float32": compiled_float32_difference,
                                   "host_synchronisations_ours": None}
                         report.line(f"{name:<36} compiled  ours {record['images_per_s_ours']:8.2f} img/s | "
                                     f"transformers (eager) {record['images_per_s_transformers']:8.2f} img/s | ratio "
                                     f"{record['ratio']:5.2f}x | compile {compile_s:.1f} s | max|diff| vs ours eager "
-                                    f"{compiled_difference:.2e} | peak MiB {compiled_peak:.0f}", record)
-                    del our_output
+                                    f"{compiled_difference:.2e} vs ours fp32 {compiled_float32_difference:.2e} | "
+                                    f"peak MiB {compiled_peak:.0f}", record)
+                    del our_output, float32_output
         del reference_model, float32_model, our_model, compiled_model
         torch._dynamo.reset()
         gc.collect()
