@@ -202,8 +202,7 @@ class Mask2FormerModel(Mask2FormerPreTrainedModel):
             pixel_decoder_hidden_states=pixel_level.decoder_hidden_states if output_hidden_states else None,
             transformer_decoder_hidden_states=decoded.hidden_states if output_hidden_states else None,
             transformer_decoder_intermediate_states=(
-                tuple(state.transpose(0, 1) for state in decoded.intermediate_hidden_states)
-                if output_hidden_states else None),
+                decoded.intermediate_hidden_states if output_hidden_states else None),
             masks_queries_logits=decoded.masks_queries_logits,
             attentions=decoded.attentions,
         )
@@ -283,7 +282,7 @@ class Mask2FormerForUniversalSegmentation(Mask2FormerPreTrainedModel):
         pixel_level, decoded = self.model._forward_for_head(pixel_values, bool(output_hidden_states),
                                                             bool(output_attentions), needs_intermediate)
         states = decoded.intermediate_hidden_states if needs_intermediate else decoded.intermediate_hidden_states[-1:]
-        class_queries_logits = tuple(self.class_predictor(state) for state in states)
+        class_queries_logits = tuple(self.class_predictor(state.transpose(0, 1)) for state in states)  # (B, Q, L+1)
         masks_queries_logits = decoded.masks_queries_logits
         auxiliary_logits = [{"masks_queries_logits": masks, "class_queries_logits": classes}
                             for masks, classes in zip(masks_queries_logits[:-1], class_queries_logits[:-1])]
