@@ -148,7 +148,7 @@ class _JsonConfig:
 
     @torch_dtype.setter
     def torch_dtype(self, value: Any) -> None:
-        self.dtype = dtype_from_name(value)
+        self.dtype = value
 
     @property
     def name_or_path(self) -> str:
