@@ -58,6 +58,16 @@ class Mask2FormerPreTrainedModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
 
+    @property
+    def name_or_path(self) -> str:
+        """The checkpoint directory from_pretrained read ("" for a model built from a configuration)."""
+        return self.config.name_or_path
+
+    @property
+    def base_model(self) -> nn.Module:
+        """The backbone-to-decoder `Mask2FormerModel` (the model itself, or its `model` under a task head)."""
+        return getattr(self, self.base_model_prefix, self)
+
     def init_weights(self) -> None:
         """Random initialisation with the distributions transformers uses (values differ, as any seed would).
 

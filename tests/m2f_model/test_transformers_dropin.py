@@ -189,6 +189,7 @@ def test_from_pretrained_config_overrides_and_loading_info(tiny_checkpoint):
         output_loading_info=True)
 
     assert model.config.output_hidden_states is True and model.class_predictor.out_features == 4
+    assert model.name_or_path == str(tiny_checkpoint) and model.base_model is model.model
     assert sorted(key.split(":")[0] for key in info["mismatched_keys"]) == [
         "class_predictor.bias", "class_predictor.weight", "criterion.empty_weight"]
     with pytest.raises(TypeError, match="not_an_option"):
