@@ -230,8 +230,10 @@ def _device_of(device_map: str | int | torch.device | dict | None) -> torch.devi
         raise ValueError("device_map as a dict (model split over devices) is not supported; give one device, e.g. "
                          "device_map='cuda:0', or 'auto'.")
     if device_map == "auto":
-        accelerator = torch.accelerator.current_accelerator() if hasattr(torch, "accelerator") else None
-        return accelerator if accelerator is not None else torch.device("cpu")
+        accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
+        if accelerator is not None and accelerator.is_available():
+            return accelerator.current_accelerator()
+        return torch.device("cpu")
     return torch.device(device_map)
 
 

@@ -196,6 +196,28 @@ def test_from_pretrained_config_overrides_and_loading_info(tiny_checkpoint):
         m2f_model.Mask2FormerForUniversalSegmentation.from_pretrained(tiny_checkpoint, not_an_option=1)
 
 
+def test_device_map_of_one_device_places_the_whole_model(tiny_checkpoint):
+    expected = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else torch.device("cpu")
+    auto = m2f_model.Mask2FormerForUniversalSegmentation.from_pretrained(tiny_checkpoint, device_map="auto")
+    cpu = m2f_model.Mask2FormerForUniversalSegmentation.from_pretrained(tiny_checkpoint, device_map="cpu")
+
+    assert auto.device.type == expected.type and cpu.device == torch.device("cpu")
+    with pytest.raises(ValueError, match="device_map"):
+        m2f_model.Mask2FormerForUniversalSegmentation.from_pretrained(tiny_checkpoint, device_map={"model": 0})
+
+
+def test_save_pretrained_honours_is_main_process_and_a_given_state_dict(tmp_path, tiny_checkpoint):
+    model = m2f_model.Mask2FormerForUniversalSegmentation.from_pretrained(tiny_checkpoint)
+    model.save_pretrained(tmp_path / "worker", is_main_process=False)
+    state_dict = {name: torch.zeros_like(tensor) if name == "class_predictor.bias" else tensor
+                  for name, tensor in model.state_dict().items()}
+    model.save_pretrained(tmp_path / "main", state_dict=state_dict)
+
+    assert not (tmp_path / "worker").exists()
+    reloaded = m2f_model.Mask2FormerForUniversalSegmentation.from_pretrained(tmp_path / "main")
+    assert torch.equal(reloaded.class_predictor.bias, torch.zeros_like(model.class_predictor.bias))
+
+
 @pytest.mark.parametrize("model_name", ["Mask2FormerModel", "Mask2FormerForUniversalSegmentation"])
 def test_meta_device_model_after_to_empty_and_init_weights_equals_a_normal_one(model_name, model_config_kwargs):
     model_class = getattr(m2f_model, model_name)
