@@ -229,9 +229,9 @@ class _JsonConfig:
             setattr(config, key, value)
         return (config, unused) if return_unused_kwargs else config
 
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False) -> None:
         """Writes `config.json` into `save_directory` (created if needed)."""
-        if kwargs.get("push_to_hub"):
+        if push_to_hub:
             raise ValueError("push_to_hub is not supported: m2f_model saves to local directories only.")
         directory = Path(save_directory)
         if directory.exists() and not directory.is_dir():
