@@ -168,6 +168,11 @@ class SwinWindowAttention(nn.Module):
         self.register_buffer("relative_position_index", relative_position_index(config.window_size),
                              persistent=False)
 
+    def init_buffers(self) -> None:
+        """Rebuilds the index (a non-persistent buffer) where the module lives, e.g. after `to_empty()`."""
+        self.relative_position_index = relative_position_index(self.window_size).to(
+            self.relative_position_bias_table.device)
+
     def relative_position_bias(self) -> torch.Tensor:
         """(heads, w*w, w*w)"""
         area = self.window_size * self.window_size
@@ -374,7 +379,8 @@ def _normal_init(module: nn.Module, std: float) -> None:
 
 
 def init_swin_weights(backbone: SwinBackbone, std: float) -> None:
-    """transformers' Swin initialisation: linear/conv N(0, std), norms (1, 0), bias table and abs. pos-emb zero."""
+    """transformers' Swin initialisation: linear/conv N(0, std), norms (1, 0), bias table and abs. pos-emb zero;
+    the relative-position indices rebuilt."""
     for module in backbone.modules():
         if isinstance(module, (nn.Linear, nn.Conv2d)):
             _normal_init(module, std)
@@ -383,6 +389,7 @@ def init_swin_weights(backbone: SwinBackbone, std: float) -> None:
             nn.init.zeros_(module.bias)
         elif isinstance(module, SwinWindowAttention):
             nn.init.zeros_(module.relative_position_bias_table)
+            module.init_buffers()
     if backbone.embeddings.position_embeddings is not None:
         nn.init.zeros_(backbone.embeddings.position_embeddings)
 
