@@ -113,15 +113,18 @@ def run_finetune(config: FinetuneConfig, *, num_workers: int = 2, use_gpu: bool 
 def _trainer(config: FinetuneConfig, *, num_workers: int, use_gpu: bool, cpus_per_worker: float,
              gpus_per_worker: float, storage_path: str, name: str, keep_checkpoints: int) -> Any:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     path, filesystem = storage_for_ray(storage_path, config.storage_options)
     resources = {"CPU": cpus_per_worker}
     if use_gpu:
         resources["GPU"] = gpus_per_worker
+    # NCCL refuses two ranks on one GPU; gloo all-reduces CUDA tensors as well (slower).
+    shares_gpus = use_gpu and gpus_per_worker < 1 and num_workers > 1
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config.to_dict(),
+        torch_config=TorchConfig(backend="gloo") if shares_gpus else None,
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         # Ray Train would retry every worker error alike; run_finetune retries only lost workers itself.
         run_config=RunConfig(name=name, storage_path=path, storage_filesystem=filesystem,

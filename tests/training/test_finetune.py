@@ -213,3 +213,16 @@ def test_a_deterministic_error_fails_the_finetune_job_in_one_attempt_with_that_e
     assert "not retried" in message
     assert len(built) == 1 and built[0].run_config.failure_config.max_failures == 0
     assert not (tmp_path / "model").exists()
+
+
+def test_workers_sharing_a_gpu_reduce_gradients_with_gloo_and_ray_train_retries_nothing_itself(tmp_path):
+    from training.finetune import _trainer
+
+    options = dict(num_workers=2, use_gpu=True, cpus_per_worker=1.0, storage_path=str(tmp_path), name="shared",
+                   keep_checkpoints=2)
+    shared = _trainer(_tiny_config(tmp_path), gpus_per_worker=0.5, **options)
+    assert shared.scaling_config.resources_per_worker == {"CPU": 1.0, "GPU": 0.5}
+    assert shared.backend_config.backend == "gloo"  # NCCL refuses two ranks on one GPU
+    whole = _trainer(_tiny_config(tmp_path), gpus_per_worker=1.0, **options)
+    assert whole.backend_config.backend != "gloo"
+    assert shared.run_config.failure_config.max_failures == whole.run_config.failure_config.max_failures == 0
