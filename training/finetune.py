@@ -17,7 +17,8 @@ from typing import Any, Sequence
 
 from training.train_loop import HISTORY_NAME, FinetuneConfig, train_loop_per_worker
 
-__all__ = ["run_finetune", "FinetuneFailed", "lost_worker", "export_checkpoint", "plot_loss_curve", "storage_for_ray", "MODEL_FILES"]
+__all__ = ["run_finetune", "FinetuneFailed", "lost_worker", "export_checkpoint", "plot_loss_curve", "storage_for_ray",
+           "MODEL_FILES"]
 
 MODEL_FILES = ("config.json", "model.safetensors", "preprocessor_config.json")
 
