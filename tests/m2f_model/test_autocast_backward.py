@@ -4,8 +4,10 @@ too where there is one): every gradient is finite and close to the float32 one.
 The discrete decisions are pinned so that the float32 and the autocast runs differentiate the same function: the
 Hungarian matching and the decoder's attention masks are taken from the float32 run (at random init the queries
 are nearly tied and the mask logits sit at the attention threshold, so half-precision rounding flips them), and
-the loss points are uniform draws only (uncertainty-ranked points depend on the logits). The sampling offsets are moved off
-whole pixels: bilinear interpolation has a kink at each pixel centre, where rounding picks either side's slope.
+the loss points are uniform draws only (uncertainty-ranked points depend on the logits). The sampling offsets are
+moved off whole pixels: bilinear interpolation has a kink at each pixel centre, where rounding picks either side's
+slope. On CPU both paths of the deformable sampling have a backward; the CUDA cases are the ones that caught
+"_embedding_bag_per_sample_weights_backward_cuda not implemented for 'BFloat16'".
 """
 from __future__ import annotations
 
