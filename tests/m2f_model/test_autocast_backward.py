@@ -6,7 +6,7 @@ Hungarian matching and the decoder's attention masks are taken from the float32 
 are nearly tied and the mask logits sit at the attention threshold, so half-precision rounding flips them), and
 the loss points are uniform draws only (uncertainty-ranked points depend on the logits). The sampling offsets are
 moved off whole pixels: bilinear interpolation has a kink at each pixel centre, where rounding picks either side's
-slope. On CPU both paths of the deformable sampling have a backward; the CUDA cases are the ones that caught
+slope. On CPU the half-precision sampling had a backward too; the CUDA cases guard against the GPU failure
 "_embedding_bag_per_sample_weights_backward_cuda not implemented for 'BFloat16'".
 """
 from __future__ import annotations
