@@ -172,7 +172,7 @@ def main() -> None:
         row = figures[side.name]
         memory = (f"peak {row['peak_mib']:.0f} MiB allocated (+{row['step_growth_mib']:.0f} in the step)"
                   if device.type == "cuda" else f"peak RSS +{row['step_growth_mib']:.0f} MiB in the step")
-        print(f"{side.name:<13} {row["images_per_s"]:8.3g} images/s  median step {median * 1e3:9.1f} ms "
+        print(f"{side.name:<13} {row['images_per_s']:8.3g} images/s  median step {median * 1e3:9.1f} ms "
               f"(min {row['min_step_s'] * 1e3:9.1f})  {memory}  loss {row['first_loss']:.3f} -> "
               f"{row['last_loss']:.3f}", flush=True)
     figures["ratio_images_per_s"] = figures["ours"]["images_per_s"] / figures["transformers"]["images_per_s"]
