@@ -15,33 +15,32 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
-from ray._private import ray_constants
 
 from pipeline.checkpoint import TORCH_DTYPES, validate_checkpoint
+from pipeline.cli import POSTPROCESS_DEFAULTS, label_ids_argument, tasks_argument
 from pipeline.decode import DEFAULT_MAX_IMAGE_PIXELS
 from pipeline.inference import InferenceStage
 from pipeline.listing import IMAGE_EXTENSIONS, list_inputs
+from pipeline.local_ray import REPO_ROOT, connect_ray
 from pipeline.overlays import OVERLAYS_DIR, write_overlays
-from pipeline.pools import PoolPlan, plan_pools
+from pipeline.pools import PoolPlan, alive_nodes, plan_pools
 from pipeline.postprocess import PostprocessSettings, PostprocessStage
 from pipeline.preprocess import PreprocessStage
-from pipeline.progress import PipelineStalledError, ProgressTracker, StallWatchdog
+from pipeline.progress import StallWatchdog, start_progress_tracker
 from pipeline.read import DEFAULT_MAX_OBJECT_BYTES, read_objects
 from pipeline.records import SEGMENTS_SCHEMA, TASKS
 from pipeline.resume import compact, done_image_uris
 from pipeline.sinks import IMAGES_DIR, SEGMENTS_DIR, list_stems, read_table_file, write_json
 from pipeline.storage import StorageConfig, is_local_uri, join_uri
 
-__all__ = ["REPO_ROOT", "SegmentationOptions", "OutputNotEmptyError", "run_segmentation", "new_run_id", "start_local_ray"]
+__all__ = ["REPO_ROOT", "SegmentationOptions", "OutputNotEmptyError", "run_segmentation", "new_run_id"]
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 _MAX_INPUT_BLOCKS = 2000
 
 
@@ -57,9 +56,9 @@ class SegmentationOptions:
     output: str = str(REPO_ROOT / "out" / "samples-run")
     model: str = str(REPO_ROOT / "models" / "m2f-shapes-tiny")
     tasks: tuple[str, ...] = TASKS
-    threshold: float = 0.5
-    mask_threshold: float = 0.5
-    overlap_threshold: float = 0.8
+    threshold: float = POSTPROCESS_DEFAULTS["threshold"]
+    mask_threshold: float = POSTPROCESS_DEFAULTS["mask_threshold"]
+    overlap_threshold: float = POSTPROCESS_DEFAULTS["overlap_threshold"]
     label_ids_to_fuse: tuple[int, ...] = ()
     batch_size: int = 4
     preprocess_actors: int | None = None
@@ -80,9 +79,17 @@ class SegmentationOptions:
     show_progress: bool = True
 
     def validated(self) -> "SegmentationOptions":
-        tasks = tuple(t.strip() for t in (self.tasks.split(",") if isinstance(self.tasks, str) else self.tasks)
-                      if t.strip())
+        """Checked and normalised options: absolute local paths, typed tasks and label ids (comma strings, as
+        a dict from Python may hold them, are parsed like the CLI's), thresholds in [0, 1]."""
+        tasks = tasks_argument(self.tasks) if isinstance(self.tasks, str) else tuple(self.tasks)
         PostprocessSettings(tasks=tasks)  # raises on unknown tasks
+        fuse = label_ids_argument(self.label_ids_to_fuse) if isinstance(self.label_ids_to_fuse, str) \
+            else tuple(int(i) for i in self.label_ids_to_fuse)
+        for name in POSTPROCESS_DEFAULTS:
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"--{name.replace('_', '-')} {value} is outside [0, 1]; it is compared with "
+                                 "probabilities")
         if self.dtype not in TORCH_DTYPES:
             raise ValueError(f"--dtype {self.dtype!r}: choose one of {', '.join(TORCH_DTYPES)}")
         if self.batch_size < 1 or self.images_per_file < 1:
@@ -94,9 +101,6 @@ class SegmentationOptions:
         output = os.path.abspath(self.output) if is_local_uri(self.output) and "://" not in self.output \
             else self.output
         model = os.path.abspath(self.model) if "://" not in self.model else self.model
-        fuse = tuple(int(i) for i in (str(self.label_ids_to_fuse).split(",")
-                                      if isinstance(self.label_ids_to_fuse, str) else self.label_ids_to_fuse)
-                     if str(i).strip() != "")
         return replace(self, tasks=tasks, output=output, model=model, label_ids_to_fuse=fuse)
 
 
@@ -131,9 +135,9 @@ def run_segmentation(options: SegmentationOptions | dict) -> dict:
 
     plan, processed, pipeline_seconds = None, [], 0.0
     if pending.num_rows:
-        started_ray = _connect_ray(options.ray_address)
+        started_ray = connect_ray(options.ray_address)
         try:
-            plan = plan_pools(ray.cluster_resources(), preprocess_actors=options.preprocess_actors,
+            plan = plan_pools(alive_nodes(ray.nodes()), preprocess_actors=options.preprocess_actors,
                               model_actors=options.model_actors, postprocess_actors=options.postprocess_actors)
             pipeline_started = time.monotonic()
             processed = _run_pipeline(pending, options, storage, plan, run_id)
@@ -167,30 +171,6 @@ def _prepare_output(options: SegmentationOptions, storage: StorageConfig) -> Non
             "recorded as 'ok' are skipped) or --overwrite to start over, or choose another --output")
 
 
-def _connect_ray(address: str | None) -> bool:
-    """Joins a running cluster when one is named, else starts an embedded one on 127.0.0.1. True if started."""
-    if ray.is_initialized():
-        return False
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-        return True
-    start_local_ray()
-    return True
-
-
-def start_local_ray(**init_kwargs) -> None:
-    """An embedded single-node Ray whose every process listens on 127.0.0.1 only."""
-    # Ray binds to the machine's outside address unless it believes it runs a laptop-only cluster; the flag is
-    # read from the environment at import (hence also the module constant) and by every process it spawns.
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    # Workers must import `pipeline` and `m2f_model` even when the package is not installed.
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(REPO_ROOT)) if p)
-    # address="local": start a fresh cluster even when another one on this machine is recorded as current.
-    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, **init_kwargs)
-
-
 def _input_blocks(pending: pa.Table, batch_size: int) -> list[pa.Table]:
     """The listing cut into blocks so that every actor gets work from the start (one block = one read task)."""
     rows_per_block = max(batch_size, math.ceil(pending.num_rows / _MAX_INPUT_BLOCKS))
@@ -202,7 +182,7 @@ def _run_pipeline(pending: pa.Table, options: SegmentationOptions, storage: Stor
     """Runs the Ray Data chain over `pending` and returns the images rows the writers committed."""
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = options.show_progress
-    tracker = ProgressTracker.remote()
+    tracker = start_progress_tracker()
     settings = PostprocessSettings(tasks=options.tasks, threshold=options.threshold,
                                    mask_threshold=options.mask_threshold,
                                    overlap_threshold=options.overlap_threshold,
@@ -255,8 +235,8 @@ def _run_pipeline(pending: pa.Table, options: SegmentationOptions, storage: Stor
     try:
         while collector.is_alive():
             collector.join(timeout=1.0)
-            if watchdog.stall_message is not None:
-                raise PipelineStalledError(watchdog.stall_message)
+            if watchdog.failure is not None:
+                raise watchdog.failure
     finally:
         watchdog.stop()
     if failures:
