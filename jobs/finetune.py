@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from pipeline.cli import add_storage_argument  # noqa: E402
 from pipeline.local_ray import connect_ray, drop_ray_false_alarms_from_stderr  # noqa: E402
-from training.finetune import run_finetune  # noqa: E402
+from training.finetune import FinetuneFailed, run_finetune  # noqa: E402
 from training.train_loop import FinetuneConfig  # noqa: E402
 
 
@@ -59,10 +59,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--num-workers", type=int, default=2)
     run.add_argument("--use-gpu", action="store_true")
     run.add_argument("--cpus-per-worker", type=float, default=1.0)
+    run.add_argument("--gpus-per-worker", type=float, default=1.0,
+                     help="with --use-gpu; below 1 (e.g. 0.5) several workers share one GPU")
     run.add_argument("--storage-path", default="runs", help="checkpoint root, local or s3://")
     run.add_argument("--name", default="m2f-finetune", help="run name under --storage-path")
     run.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints")
-    run.add_argument("--max-failures", type=int, default=2, help="worker-group restarts before giving up")
+    run.add_argument("--max-failures", type=int, default=2,
+                     help="restarts after lost workers (dead process or node); an error raised by the training "
+                          "code fails the run at once")
     run.add_argument("--output-model", default=None, help="export the final model (+ loss curve) here")
     run.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
     return parser.parse_args(argv)
@@ -82,9 +86,13 @@ def main(argv: list[str] | None = None) -> None:
 
     drop_ray_false_alarms_from_stderr()
     connect_ray(args.address)  # RAY_ADDRESS's cluster, else an embedded Ray on 127.0.0.1
-    result = run_finetune(config, num_workers=args.num_workers, use_gpu=args.use_gpu,
-                          cpus_per_worker=args.cpus_per_worker, storage_path=args.storage_path, name=args.name,
-                          max_failures=args.max_failures, output_model=args.output_model)
+    try:
+        result = run_finetune(config, num_workers=args.num_workers, use_gpu=args.use_gpu,
+                              cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
+                              storage_path=args.storage_path, name=args.name, max_failures=args.max_failures,
+                              output_model=args.output_model)
+    except FinetuneFailed as error:
+        raise SystemExit(f"finetune: {error}") from error
     print(f"final metrics: {json.dumps({k: v for k, v in result.metrics.items() if isinstance(v, (int, float))})}")
     print(f"checkpoint: {result.checkpoint.path if result.checkpoint else None}")
     if args.output_model:

@@ -176,7 +176,11 @@ def multi_scale_deformable_attention(value: torch.Tensor, geometry: LevelGeometr
     y = pixels[..., 1].clamp(min=-1).minimum(geometry.max_y)
     x0, y0 = x.floor(), y.floor()
     fx, fy = x - x0, y - y0
-    table = geometry.bordered_table(value)
+    # With autograd the sampling runs in float32: CUDA's embedding_bag has no bfloat16 backward for per-sample
+    # weights ("_embedding_bag_per_sample_weights_backward_cuda" not implemented). Inference keeps the model's dtype.
+    sampling_dtype = torch.float32 if torch.is_grad_enabled() and (
+        value.requires_grad or attention_weights.requires_grad or sampling_pixels.requires_grad) else value.dtype
+    table = geometry.bordered_table(value.to(sampling_dtype))
     index_dtype = torch.int32 if table.shape[0] < 2 ** 31 else torch.int64
     token = (geometry.row_starts + y0 * geometry.padded_widths + x0).to(index_dtype)  # top-left neighbour
     batch_head = (torch.arange(batch, device=value.device, dtype=index_dtype).view(batch, 1, 1, 1, 1)
@@ -191,8 +195,8 @@ def multi_scale_deformable_attention(value: torch.Tensor, geometry: LevelGeometr
     weights = (weight_y.unsqueeze(-1) * weight_x.unsqueeze(-2)).flatten(-2)
     samples_per_query = rows.shape[3] * rows.shape[4] * rows.shape[5]
     output = F.embedding_bag(rows.view(-1, samples_per_query), table, mode="sum",
-                             per_sample_weights=weights.view(-1, samples_per_query).to(value.dtype))
-    return output.view(batch, queries, heads * head_dim)
+                             per_sample_weights=weights.view(-1, samples_per_query).to(sampling_dtype))
+    return output.view(batch, queries, heads * head_dim).to(value.dtype)
 
 
 class MultiscaleDeformableAttention(nn.Module):

@@ -18,7 +18,8 @@ from typing import Any, Sequence
 from pipeline.storage import StorageConfig
 from training.train_loop import HISTORY_NAME, FinetuneConfig, train_loop_per_worker
 
-__all__ = ["run_finetune", "export_checkpoint", "plot_loss_curve", "storage_for_ray", "MODEL_FILES"]
+__all__ = ["run_finetune", "FinetuneFailed", "lost_worker", "export_checkpoint", "plot_loss_curve", "storage_for_ray",
+           "MODEL_FILES"]
 
 MODEL_FILES = ("config.json", "model.safetensors", "preprocessor_config.json")
 
@@ -35,39 +36,95 @@ def _absolute_if_local(path_or_uri: str) -> str:
     return os.path.abspath(path_or_uri.removeprefix("file://"))
 
 
+class FinetuneFailed(RuntimeError):
+    """Training stopped with an error that a restart would repeat (or after `max_failures` lost workers)."""
+
+
+def lost_worker(error: BaseException) -> bool:
+    """Whether a worker's failure is the loss of its process or node (retry from the last checkpoint) rather than
+    an exception raised by the training code (the same on every retry)."""
+    from ray.exceptions import NodeDiedError, RayActorError
+    from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError, WorkerHealthCheckTimeoutError
+
+    if isinstance(error, WorkerHealthCheckTimeoutError):
+        return True
+    if isinstance(error, WorkerHealthCheckFailedError):  # also raised for results that fail to deserialise
+        error = error.health_check_failure
+    return isinstance(error, (RayActorError, NodeDiedError))
+
+
+def _describe_failures(error: BaseException) -> str:
+    failures = getattr(error, "worker_failures", None) or {}
+    if not failures:
+        return f"{type(error).__name__}: {error}"
+    return "; ".join(f"rank {rank}: {type(failure).__name__}: {failure}" for rank, failure in sorted(failures.items()))
+
+
 def run_finetune(config: FinetuneConfig, *, num_workers: int = 2, use_gpu: bool = False,
-                 cpus_per_worker: float = 1.0, storage_path: str = "runs", name: str = "m2f-finetune",
-                 max_failures: int = 2, keep_checkpoints: int = 2, output_model: str | None = None) -> Any:
+                 cpus_per_worker: float = 1.0, gpus_per_worker: float = 1.0, storage_path: str = "runs",
+                 name: str = "m2f-finetune", max_failures: int = 2, keep_checkpoints: int = 2,
+                 output_model: str | None = None) -> Any:
     """Runs `train_loop_per_worker` on `num_workers` Ray Train workers; returns ray.train.Result.
 
-    Re-running with the same storage_path and name continues the run from its latest checkpoint; a worker
-    that dies mid-run restarts the worker group from the last checkpoint (up to `max_failures` times).
+    Re-running with the same storage_path and name continues the run from its latest checkpoint. A lost worker
+    (its process or node died) restarts the run from the last checkpoint, up to `max_failures` times; an
+    exception raised by the training code fails the run at once with `FinetuneFailed` carrying that error, since
+    a restart would only repeat it. `gpus_per_worker` below 1 lets several workers share one GPU.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train import TrainingFailedError, WorkerGroupError
 
     # Ray Train workers run in their own working directory: local paths must be absolute.
     config = dataclasses.replace(config, data=_absolute_if_local(config.data),
                                  init_from=_absolute_if_local(config.init_from) if config.init_from else None)
+    restarts = 0
+    while True:
+        trainer = _trainer(config, num_workers=num_workers, use_gpu=use_gpu, cpus_per_worker=cpus_per_worker,
+                           gpus_per_worker=gpus_per_worker, storage_path=storage_path, name=name,
+                           keep_checkpoints=keep_checkpoints)
+        try:
+            result = trainer.fit()
+            break
+        except TrainingFailedError as error:
+            lost = isinstance(error, WorkerGroupError) and any(
+                lost_worker(failure) for failure in error.worker_failures.values())
+            if not lost:
+                raise FinetuneFailed(f"training run {name} failed (not retried: the same error would come back): "
+                                     f"{_describe_failures(error)}") from error
+            if restarts >= max_failures:
+                raise FinetuneFailed(f"training run {name} lost workers {restarts + 1} times (max_failures="
+                                     f"{max_failures}): {_describe_failures(error)}") from error
+            restarts += 1
+            print(f"[finetune] lost a worker ({_describe_failures(error)[:300]}); restart {restarts} of "
+                  f"{max_failures} from the last checkpoint", flush=True)
+    if output_model is not None:
+        if result.checkpoint is None:
+            raise FinetuneFailed(f"training run {name} under {storage_path} finished without a checkpoint; "
+                                 f"nothing to export to {output_model}")
+        export_checkpoint(result.checkpoint, output_model)
+    return result
+
+
+def _trainer(config: FinetuneConfig, *, num_workers: int, use_gpu: bool, cpus_per_worker: float,
+             gpus_per_worker: float, storage_path: str, name: str, keep_checkpoints: int) -> Any:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
     path, filesystem = storage_for_ray(storage_path, config.storage)
     resources = {"CPU": cpus_per_worker}
     if use_gpu:
-        resources["GPU"] = 1
-    trainer = TorchTrainer(
+        resources["GPU"] = gpus_per_worker
+    # NCCL refuses two ranks on one GPU; gloo all-reduces CUDA tensors as well (slower).
+    shares_gpus = use_gpu and gpus_per_worker < 1 and num_workers > 1
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config.to_dict(),
+        torch_config=TorchConfig(backend="gloo") if shares_gpus else None,
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        # Ray Train would retry every worker error alike; run_finetune retries only lost workers itself.
         run_config=RunConfig(name=name, storage_path=path, storage_filesystem=filesystem,
-                             failure_config=FailureConfig(max_failures=max_failures),
+                             failure_config=FailureConfig(max_failures=0),
                              checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints)),
     )
-    result = trainer.fit()
-    if output_model is not None:
-        if result.checkpoint is None:
-            raise RuntimeError(f"training run {name} under {storage_path} finished without a checkpoint; "
-                               f"nothing to export to {output_model}")
-        export_checkpoint(result.checkpoint, output_model)
-    return result
 
 
 def export_checkpoint(checkpoint: Any, output_model: str | os.PathLike) -> Path:

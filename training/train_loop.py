@@ -192,6 +192,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     from training.augmentation import ScaleCropFlip
     from training.collate import collate_segmentation_batch
     from training.loading import load_coco_dataset
+    from training.train_step import autocast_dtype, optimizer_step, segmentation_loss
 
     config = FinetuneConfig(**loop_config)
     context = ray.train.get_context()
@@ -244,9 +245,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     optimizer = torch.optim.AdamW(_parameter_groups(model, config), lr=config.learning_rate)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: poly_lr_factor(
         step, total_steps=total_steps, warmup_steps=config.warmup_steps, power=config.poly_power))
-    use_amp = config.mixed_precision and device.type == "cuda"
-    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda") if use_amp and amp_dtype == torch.float16 else None
+    amp_dtype = autocast_dtype(device, mixed_precision=config.mixed_precision)
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     if training_state is not None:
         optimizer.load_state_dict(training_state["optimizer"])
         scheduler.load_state_dict(training_state["scheduler"])
@@ -266,25 +266,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             pixel_values = batch["pixel_values"].to(device)  # (B, 3, H, W)
             mask_labels = [m.to(device) for m in batch["mask_labels"]]
             class_labels = [c.to(device) for c in batch["class_labels"]]
-            with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
-                outputs = model(pixel_values=pixel_values, output_auxiliary_logits=True)
-            # The loss runs in float32 outside autocast; the matcher's costs need the precision.
-            loss_dict = unwrapped.get_loss_dict(
-                outputs.masks_queries_logits.float(), outputs.class_queries_logits.float(), mask_labels,
-                class_labels, [{k: v.float() for k, v in aux.items()} for aux in outputs.auxiliary_logits])
-            loss = unwrapped.get_loss(loss_dict)
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-            else:
-                loss.backward()
-            gradient_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.gradient_clip)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
+            loss, loss_dict = segmentation_loss(model, pixel_values, mask_labels, class_labels, amp_dtype=amp_dtype)
+            gradient_norm = optimizer_step(loss, model, optimizer, scaler, gradient_clip=config.gradient_clip)
             scheduler.step()
             step += 1
 

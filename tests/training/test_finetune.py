@@ -166,3 +166,63 @@ def test_a_killed_worker_resumes_from_the_last_s3_checkpoint_with_its_step_and_o
     assert all(float(s["step"]) == 5 for s in state["optimizer"]["state"].values())
     assert state["scheduler"]["last_epoch"] == 5
     assert (tmp_path / "model" / "model.safetensors").is_file()
+
+
+def test_only_lost_workers_count_as_retryable_failures():
+    from ray.exceptions import ActorDiedError
+    from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError, WorkerHealthCheckTimeoutError
+
+    from training.finetune import lost_worker
+
+    assert lost_worker(WorkerHealthCheckFailedError("worker died", failure=ActorDiedError()))
+    assert lost_worker(WorkerHealthCheckTimeoutError("health check hung for 600 s"))
+    assert not lost_worker(ValueError("too few images"))
+    # a result that cannot be deserialised fails the same way on every attempt
+    assert not lost_worker(WorkerHealthCheckFailedError("health check failed", failure=TypeError("cannot pickle")))
+
+
+def test_a_deterministic_error_fails_the_finetune_job_in_one_attempt_with_that_error(
+        tmp_path, monkeypatch, train_ray, train_tiny_shapes):
+    import importlib.util
+
+    import training.finetune
+
+    spec = importlib.util.spec_from_file_location("job_finetune", Path(__file__).resolve().parents[2] / "jobs"
+                                                  / "finetune.py")
+    finetune_job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(finetune_job)
+
+    built = []
+    real_trainer = training.finetune._trainer
+
+    def counting_trainer(*args, **kwargs):
+        trainer = real_trainer(*args, **kwargs)
+        built.append(trainer)
+        return trainer
+
+    monkeypatch.setattr(training.finetune, "_trainer", counting_trainer)
+    checkpoint = save_tiny_checkpoint(tmp_path / "init")
+    with pytest.raises(SystemExit) as failure:
+        # 4 training images cannot fill one batch of 8: the worker raises the same ValueError on every attempt
+        finetune_job.main(["--data", str(train_tiny_shapes), "--init-from", str(checkpoint), "--num-workers", "1",
+                           "--batch-size", "8", "--max-steps", "2", "--max-failures", "2",
+                           "--storage-path", str(tmp_path / "runs"), "--name", "too-few",
+                           "--output-model", str(tmp_path / "model")])
+    message = str(failure.value)
+    assert "ValueError" in message and "too few for 1 workers x batch size 8" in message
+    assert "not retried" in message
+    assert len(built) == 1 and built[0].run_config.failure_config.max_failures == 0
+    assert not (tmp_path / "model").exists()
+
+
+def test_workers_sharing_a_gpu_reduce_gradients_with_gloo_and_ray_train_retries_nothing_itself(tmp_path):
+    from training.finetune import _trainer
+
+    options = dict(num_workers=2, use_gpu=True, cpus_per_worker=1.0, storage_path=str(tmp_path), name="shared",
+                   keep_checkpoints=2)
+    shared = _trainer(_tiny_config(tmp_path), gpus_per_worker=0.5, **options)
+    assert shared.scaling_config.resources_per_worker == {"CPU": 1.0, "GPU": 0.5}
+    assert shared.backend_config.backend == "gloo"  # NCCL refuses two ranks on one GPU
+    whole = _trainer(_tiny_config(tmp_path), gpus_per_worker=1.0, **options)
+    assert whole.backend_config.backend != "gloo"
+    assert shared.run_config.failure_config.max_failures == whole.run_config.failure_config.max_failures == 0
