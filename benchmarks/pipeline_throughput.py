@@ -54,9 +54,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", type=Path, default=None,
                         help=f"checkpoint directory (default: {DEFAULT_MODEL.relative_to(REPO_ROOT)} when present, "
                              "else a random-weight model of --random-model's shape)")
-    parser.add_argument("--random-model", choices=["small", "tiny", "coco"], default="small",
+    parser.add_argument("--random-model", choices=["small", "tiny", "coco", "swin-t"], default="small",
                         help="shape of the random model used when there is no checkpoint; 'coco': the small Swin "
-                             "with a COCO panoptic head (100 queries, 133 labels)")
+                             "with a COCO panoptic head (100 queries, 133 labels); 'swin-t': Swin-T Mask2Former "
+                             "with that head (the GPU measurements of gpu-facts.md)")
     parser.add_argument("--processor", choices=["model", "coco"], default="model",
                         help="'coco': transformers' default processor (shortest edge 800: 480x640 -> 800x1088)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
@@ -103,13 +104,14 @@ def write_images(directory: Path, count: int, height: int, width: int) -> list[P
 def random_checkpoint(directory: Path, shape: str, processor: str = "model") -> Path:
     """A random-weight checkpoint: 'small' is a Swin with a realistic cost per image, 'tiny' the test model,
     'coco' the small Swin with a COCO panoptic head (100 queries, 133 labels, class logits sharpened so that
-    post-processing keeps tens of segments per image, as a trained model does)."""
+    post-processing keeps tens of segments per image, as a trained model does), 'swin-t' Swin-T with that head
+    and Mask2Former's default decoder sizes."""
     import torch
 
     from m2f_model import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor
 
     labels = {0: "circle", 1: "square", 2: "triangle", 3: "sky", 4: "ground"}
-    if shape == "coco":
+    if shape in ("coco", "swin-t"):
         labels = {index: f"class-{index}" for index in range(133)}
     if shape == "tiny":
         backbone = {"model_type": "swin", "image_size": 64, "patch_size": 4, "embed_dim": 16, "depths": [1, 1, 2, 1],
@@ -117,6 +119,11 @@ def random_checkpoint(directory: Path, shape: str, processor: str = "model") -> 
         dims, image_side = {"feature_size": 32, "mask_feature_size": 32, "hidden_dim": 32,
                             "encoder_feedforward_dim": 64, "dim_feedforward": 64, "encoder_layers": 2,
                             "decoder_layers": 3, "num_attention_heads": 2, "num_queries": 8}, 64
+    elif shape == "swin-t":
+        backbone = {"model_type": "swin", "image_size": 224, "patch_size": 4, "embed_dim": 96, "depths": [2, 2, 6, 2],
+                    "num_heads": [3, 6, 12, 24], "window_size": 7,
+                    "out_features": ["stage1", "stage2", "stage3", "stage4"]}
+        dims, image_side = {"num_queries": 100}, 384
     else:
         backbone = {"model_type": "swin", "image_size": 384, "patch_size": 4, "embed_dim": 48, "depths": [2, 2, 4, 2],
                     "num_heads": [2, 4, 8, 16], "window_size": 12,
@@ -129,7 +136,7 @@ def random_checkpoint(directory: Path, shape: str, processor: str = "model") -> 
     config = Mask2FormerConfig(backbone_config=backbone, num_labels=len(labels), id2label=labels,
                                label2id={v: k for k, v in labels.items()}, **dims)
     model = Mask2FormerForUniversalSegmentation(config).eval()
-    if shape == "coco":
+    if shape in ("coco", "swin-t"):
         with torch.no_grad():  # sharper class scores: queries pass the 0.5 threshold as a trained model's do
             model.class_predictor.weight.mul_(8.0)
     model.save_pretrained(directory)

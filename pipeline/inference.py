@@ -6,9 +6,14 @@ image's result). With the checkpoint's fixed processor size every image has the 
 stay whole. On a GPU the pixels go through a pinned host buffer with a non-blocking copy, bf16 is the
 default dtype, and nothing dense leaves the device: post-processing of every task happens there and only
 run lengths come back (see `pipeline.device_postprocess`).
+
+The actor takes `CONCURRENT_CALLS` batches at once (a threaded actor): while one batch holds the device for
+its forward pass and post-processing, the next one's pixels are copied to the device and normalised (on a
+side CUDA stream on GPUs), so the device never waits for its input.
 """
 from __future__ import annotations
 
+import threading
 import time
 from collections import defaultdict
 
@@ -21,7 +26,11 @@ from pipeline.progress import report_progress
 from pipeline.records import NO_ERROR_COLUMNS, SEGMENTED_SCHEMA, StageError, binary_column_views
 from pipeline.storage import StorageConfig
 
-__all__ = ["InferenceStage", "group_by_shape", "default_dtype", "default_batch_size", "COMPILE_PROGRESS_KEY"]
+__all__ = ["InferenceStage", "group_by_shape", "default_dtype", "default_batch_size", "COMPILE_PROGRESS_KEY",
+           "CONCURRENT_CALLS"]
+
+# Batches one model actor takes at once: one on the device, the next one's input being prepared.
+CONCURRENT_CALLS = 2
 
 # Progress key under which a compiling model actor reports its compile time (milliseconds) to the tracker.
 COMPILE_PROGRESS_KEY = "model_compile_ms"
@@ -67,6 +76,7 @@ class InferenceStage:
         self._model = torch.compile(model) if compile else model
         self._compile_pending = compile
         self._pinned = self._device.startswith("cuda")
+        self._device_lock = threading.Lock()  # one forward + post-processing at a time; input prep runs beside
         self._tracker = tracker
         if tracker is not None:
             tracker.touch.remote()
@@ -93,21 +103,34 @@ class InferenceStage:
 
         try:
             with torch.inference_mode():
-                inputs = self._device_pixels(pixels, shape)
-                started = time.monotonic()
-                outputs = self._model(pixel_values=inputs)
-                class_logits = outputs.class_queries_logits.float()  # (group, queries, labels + 1)
-                mask_logits = outputs.masks_queries_logits.float()  # (group, queries, H'/4, W'/4)
-                if self._compile_pending:
-                    self._report_compile_time(time.monotonic() - started)
+                inputs = self._prefetched_pixels(pixels, shape)
+                with self._device_lock:
+                    started = time.monotonic()
+                    outputs = self._model(pixel_values=inputs)
+                    class_logits = outputs.class_queries_logits.float()  # (group, queries, labels + 1)
+                    mask_logits = outputs.masks_queries_logits.float()  # (group, queries, H'/4, W'/4)
+                    if self._compile_pending:
+                        self._report_compile_time(time.monotonic() - started)
+                    try:
+                        segments = segment_batch(class_logits, mask_logits, sizes, self._settings)
+                    except Exception as error:  # noqa: BLE001 - the group's images become error rows
+                        return [{"error": StageError.from_exception("postprocess", error)}] * len(pixels)
         except Exception as error:  # noqa: BLE001 - the group's images become error rows, the job goes on
             return [{"error": StageError.from_exception("inference", error)}] * len(pixels)
-        try:
-            with torch.inference_mode():
-                segments = segment_batch(class_logits, mask_logits, sizes, self._settings)
-        except Exception as error:  # noqa: BLE001
-            return [{"error": StageError.from_exception("postprocess", error)}] * len(pixels)
         return [{"segments": image} for image in segments]
+
+    def _prefetched_pixels(self, pixels: list[np.ndarray], shape: tuple):
+        """`_device_pixels` on a side stream (GPU), finished before it returns: overlaps another batch's forward."""
+        import torch
+
+        if not self._device.startswith("cuda"):
+            return self._device_pixels(pixels, shape)
+        stream = torch.cuda.Stream(device=self._device)
+        with torch.cuda.stream(stream):
+            inputs = self._device_pixels(pixels, shape)
+        stream.synchronize()
+        inputs.record_stream(torch.cuda.current_stream(self._device))  # used on the default stream from here
+        return inputs
 
     def _device_pixels(self, pixels: list[np.ndarray], shape: tuple):
         """uint8 (group, 3, H', W') on the device, rescaled and normalised by the checkpoint's processor there."""

@@ -25,7 +25,7 @@ from ray._private import ray_constants
 from pipeline.checkpoint import TORCH_DTYPES
 from pipeline.decode import DEFAULT_MAX_IMAGE_PIXELS
 from pipeline.device_postprocess import PostprocessSettings
-from pipeline.inference import COMPILE_PROGRESS_KEY, InferenceStage, default_batch_size
+from pipeline.inference import COMPILE_PROGRESS_KEY, CONCURRENT_CALLS, InferenceStage, default_batch_size
 from pipeline.listing import IMAGE_EXTENSIONS, list_inputs
 from pipeline.overlays import OVERLAYS_DIR, write_overlays
 from pipeline.pools import PoolPlan, plan_pools
@@ -233,7 +233,9 @@ def _run_pipeline(pending: pa.Table, options: SegmentationOptions, storage: Stor
                      fn_constructor_kwargs={"spec": spec, "max_image_pixels": options.max_image_pixels,
                                             "tracker": tracker})
         .map_batches(InferenceStage, batch_format="pyarrow", batch_size=batch_size,
-                     compute=ray.data.ActorPoolStrategy(size=plan.model_actors), **model_resources,
+                     compute=ray.data.ActorPoolStrategy(size=plan.model_actors, enable_true_multi_threading=True,
+                                                        max_concurrent_calls_per_actor=CONCURRENT_CALLS),
+                     **model_resources,
                      fn_constructor_kwargs={"spec": spec, "storage": storage, "settings": settings,
                                             "dtype": options.dtype, "compile": options.compile,
                                             "torch_threads": plan.model_torch_threads, "tracker": tracker})
