@@ -14,18 +14,19 @@ if [ -f .gpu/install.sh ]; then
     bash .gpu/install.sh
     export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
+python="${PYTHON:-python}"
 results="${OUT:-out/gpu-data-path}"
 mkdir -p "$results"
-python -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" | tee "$results/env.txt"
+"$python" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" | tee "$results/env.txt"
 
 if [ "${1:-}" = "--tiny" ]; then
-    python benchmarks/pipeline_throughput.py --random-model tiny --images 12 --cost-images 4 --image-size 96x128 \
+    "$python" benchmarks/pipeline_throughput.py --random-model tiny --images 12 --cost-images 4 --image-size 96x128 \
         --device cpu --work-dir "$results/work-tiny" --json "$results/tiny.json" 2>&1 | tee "$results/tiny.log"
     exit 0
 fi
 
 common=(--random-model swin-t --processor coco --images 2000 --cost-images 64 --image-size 480x640 --device cuda
         --dtype bfloat16 --batch-size 16 --work-dir "$results/work")
-python benchmarks/pipeline_throughput.py "${common[@]}" --json "$results/bf16.json" 2>&1 | tee "$results/bf16.log"
-python benchmarks/pipeline_throughput.py "${common[@]}" --compile --json "$results/bf16-compile.json" 2>&1 \
+"$python" benchmarks/pipeline_throughput.py "${common[@]}" --json "$results/bf16.json" 2>&1 | tee "$results/bf16.log"
+"$python" benchmarks/pipeline_throughput.py "${common[@]}" --compile --json "$results/bf16-compile.json" 2>&1 \
     | tee "$results/bf16-compile.log"

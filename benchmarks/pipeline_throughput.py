@@ -120,8 +120,8 @@ def random_checkpoint(directory: Path, shape: str, processor: str = "model") -> 
                             "encoder_feedforward_dim": 64, "dim_feedforward": 64, "encoder_layers": 2,
                             "decoder_layers": 3, "num_attention_heads": 2, "num_queries": 8}, 64
     elif shape == "swin-t":
-        backbone = {"model_type": "swin", "image_size": 224, "patch_size": 4, "embed_dim": 96, "depths": [2, 2, 6, 2],
-                    "num_heads": [3, 6, 12, 24], "window_size": 7,
+        backbone = {"model_type": "swin", "image_size": 224, "patch_size": 4, "embed_dim": 96,
+                    "depths": [2, 2, 6, 2], "num_heads": [3, 6, 12, 24], "window_size": 7,
                     "out_features": ["stage1", "stage2", "stage3", "stage4"]}
         dims, image_side = {"num_queries": 100}, 384
     else:

@@ -20,7 +20,8 @@ class ModelLoadError(RuntimeError):
     """The model directory cannot be used; the message names it and says what is wrong."""
 
 
-def localize_checkpoint(model_uri: str, storage: StorageConfig) -> Path:
+def localize_checkpoint(model_uri: str, storage: StorageConfig, *,
+                        required_files: tuple[str, ...] = _REQUIRED_FILES) -> Path:
     """A local directory holding the checkpoint (downloaded once per machine when remote)."""
     try:
         local = storage.localize_directory(model_uri)
@@ -30,7 +31,7 @@ def localize_checkpoint(model_uri: str, storage: StorageConfig) -> Path:
     if not local.is_dir():
         raise ModelLoadError(f"model directory {model_uri} does not exist; pass --model with a folder holding "
                              "config.json, model.safetensors and preprocessor_config.json")
-    missing = [name for name in _REQUIRED_FILES if not (local / name).is_file()]
+    missing = [name for name in required_files if not (local / name).is_file()]
     if missing:
         raise ModelLoadError(f"model directory {model_uri} lacks {', '.join(missing)}; save the model and its "
                              "image processor there with save_pretrained()")

@@ -39,7 +39,8 @@ class ModelSpec:
         """The model in eval mode on `device`; the weights come from `uri`, the configuration from the spec."""
         from m2f_model import Mask2FormerConfig
 
-        return load_model(localize_checkpoint(self.uri, storage), device=device, dtype=dtype,
+        # Only the weights are needed here: the JSON files were read once, on the driver.
+        return load_model(localize_checkpoint(self.uri, storage, required_files=()), device=device, dtype=dtype,
                           config=Mask2FormerConfig.from_dict(self.config))
 
 
