@@ -1,8 +1,8 @@
 """Post-processing where the logits are: every requested task for a batch, then column-major run lengths.
 
 `segment_batch` turns a batch of model outputs (on any device) into each image's segments at its original
-size: m2f_model's `post_process_tasks` (one upsampling shared by the tasks; transformers' semantics, unique
-panoptic ids), then the COCO run lengths of every kept mask, computed on the same device from the label
+size: m2f_model's `post_process_tasks` on each image (one upsampling shared by the tasks; transformers'
+semantics, unique panoptic ids), then the COCO run lengths of every kept mask, computed on the same device from the label
 maps and instance masks. Only the run tables (a few hundred kilobytes per image) reach the host; dense
 masks never do. The masks the run lengths describe are exactly those of m2f_model's three post-processors
 for the same logits on the same device.
@@ -64,18 +64,23 @@ def segment_batch(class_logits: torch.Tensor, mask_logits: torch.Tensor, target_
                   settings: PostprocessSettings) -> list[ImageSegments]:
     """A batch of model outputs -> each image's segments of every requested task at its `target_sizes` entry.
 
+    Each image's segments equal what m2f_model's three post-processors give for that image's logits alone.
+
     class_logits: (batch, queries, labels + 1); mask_logits: (batch, queries, h, w); float32, any device.
     Panoptic: one segment per id (a fused id keeps its best score); instance: each kept mask whole (they may
     overlap); semantic: one segment per class present (segment id = label id, no score).
     """
-    results = post_process_tasks(
-        SimpleNamespace(class_queries_logits=class_logits, masks_queries_logits=mask_logits), settings.tasks,
+    # Image by image, so an image's segments never depend on its batch mates (the semantic einsum's rounding
+    # depends on the batch shape): they equal single-image inference + post-processing.
+    results = [post_process_tasks(
+        SimpleNamespace(class_queries_logits=class_logits[index:index + 1],
+                        masks_queries_logits=mask_logits[index:index + 1]), settings.tasks,
         threshold=settings.threshold, mask_threshold=settings.mask_threshold,
         overlap_mask_area_threshold=settings.overlap_threshold, label_ids_to_fuse=set(settings.label_ids_to_fuse),
-        target_sizes=target_sizes,
+        target_sizes=[size],
         # transformers' numbering can give the segment after a reused fused id an id already taken by another
         # label; the map could then not tell the two apart.
-        unique_segment_ids=True)
+        unique_segment_ids=True)[0] for index, size in enumerate(target_sizes)]
     # Run tables of every map of the batch, then one copy to the host.
     maps: list[torch.Tensor] = []  # (M, H, W) stacks; per image: [panoptic+semantic label maps], [instance masks]
     for (height, width), result in zip(target_sizes, results):

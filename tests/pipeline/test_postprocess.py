@@ -38,25 +38,28 @@ def random_outputs(seed: int, *, batch: int = 2, queries: int = 10, labels: int 
 
 
 def expected_segments(outputs, sizes, settings: PostprocessSettings) -> list[dict]:
-    """Per image {(task, segment_id): (label_id, score, mask)} from the three public post-processors."""
-    common = {"threshold": settings.threshold, "mask_threshold": settings.mask_threshold,
-              "overlap_mask_area_threshold": settings.overlap_threshold, "target_sizes": sizes}
-    panoptic = post_processing.post_process_panoptic_segmentation(
-        outputs, label_ids_to_fuse=set(settings.label_ids_to_fuse), unique_segment_ids=True, **common)
-    instance = post_processing.post_process_instance_segmentation(outputs, return_binary_maps=True, **common)
-    semantic = post_processing.post_process_semantic_segmentation(outputs, target_sizes=sizes)
+    """Per image {(task, segment_id): (label_id, score, mask)} from the three public post-processors, each image
+    post-processed alone (as single-image inference would)."""
     images = []
-    for index in range(len(sizes)):
+    for index, size in enumerate(sizes):
+        alone = SimpleNamespace(class_queries_logits=outputs.class_queries_logits[index:index + 1],
+                                masks_queries_logits=outputs.masks_queries_logits[index:index + 1])
+        common = {"threshold": settings.threshold, "mask_threshold": settings.mask_threshold,
+                  "overlap_mask_area_threshold": settings.overlap_threshold, "target_sizes": [size]}
+        panoptic = post_processing.post_process_panoptic_segmentation(
+            alone, label_ids_to_fuse=set(settings.label_ids_to_fuse), unique_segment_ids=True, **common)[0]
+        instance = post_processing.post_process_instance_segmentation(alone, return_binary_maps=True, **common)[0]
+        semantic = post_processing.post_process_semantic_segmentation(alone, target_sizes=[size])[0]
         segments = {}
-        panoptic_map = panoptic[index]["segmentation"].cpu().numpy()
-        for info in panoptic[index]["segments_info"]:
+        panoptic_map = panoptic["segmentation"].cpu().numpy()
+        for info in panoptic["segments_info"]:
             previous = segments.get(("panoptic", info["id"]))
             score = info["score"] if previous is None else max(previous[1], info["score"])
             segments[("panoptic", info["id"])] = (info["label_id"], score, panoptic_map == info["id"])
-        maps = instance[index]["segmentation"].cpu().numpy()
-        for position, info in enumerate(instance[index]["segments_info"]):
+        maps = instance["segmentation"].cpu().numpy()
+        for position, info in enumerate(instance["segments_info"]):
             segments[("instance", info["id"])] = (info["label_id"], info["score"], maps[position] > 0.5)
-        label_map = semantic[index].cpu().numpy()
+        label_map = semantic.cpu().numpy()
         for label in np.unique(label_map):
             segments[("semantic", int(label))] = (int(label), None, label_map == label)
         images.append(segments)
