@@ -6,7 +6,7 @@
 #                                             # then the same with --compile
 #   bash benchmarks/gpu_data_path.sh --tiny   # tiny model on CPU, a dozen images: checks that the script runs
 #
-# Each run prints the stage costs (host CPU and object-store bytes per image), the bare model loop on the same
+# PYTHON picks the interpreter (default: python on PATH). Each run prints the stage costs (host CPU and object-store bytes per image), the bare model loop on the same
 # device/batch/dtype, the job's end-to-end, marginal and steady rates and their ratios; results go to
 # $OUT (the device tool's output folder) or out/gpu-data-path, written as they come.
 set -euo pipefail
