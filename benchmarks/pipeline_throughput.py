@@ -41,6 +41,7 @@ import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
+from infra.processes import command_line, peak_rss_mib, process_tree  # noqa: E402
 
 DEFAULT_MODEL = REPO_ROOT / "models" / "m2f-shapes-tiny"
 # Process titles Ray gives its workers ("ray::MapWorker(MapBatches(InferenceStage))") -> the kind we report.
@@ -285,39 +286,9 @@ def stage_costs(model_dir: Path, image_paths: list[Path], *, batch_size: int, de
 # 2. The pipeline, with a memory sampler over this Ray cluster's processes
 
 
-def _descendants(root: int) -> set[int]:
-    parents = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-    tree, frontier = set(), [root]
-    while frontier:
-        parent = frontier.pop()
-        children = [pid for pid, ppid in parents.items() if ppid == parent and pid not in tree]
-        tree.update(children)
-        frontier.extend(children)
-    return tree
-
-
-def _peak_rss_mib(pid: int) -> float | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
-
-
 def _process_kind(pid: int) -> str | None:
-    try:
-        title = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\x00", b" ").decode(errors="replace")
-    except OSError:
-        return None
-    if not title.startswith("ray::"):
+    title = command_line(pid)
+    if title is None or not title.startswith("ray::"):
         return None
     return next((kind for marker, kind in PROCESS_KINDS.items() if marker in title), None)
 
@@ -338,9 +309,9 @@ class PeakMemorySampler(threading.Thread):
             self._stop_event.wait(self.interval_s)
 
     def sample(self) -> None:
-        for pid in _descendants(os.getpid()):
+        for pid in process_tree(os.getpid()):
             kind = _process_kind(pid)
-            peak = _peak_rss_mib(pid) if kind else None
+            peak = peak_rss_mib(pid) if kind else None
             if kind and peak is not None:
                 self.processes[kind].add(pid)
                 self.peaks_mib[kind] = max(self.peaks_mib.get(kind, 0.0), peak)

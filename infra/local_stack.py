@@ -40,6 +40,10 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as a script: python infra/local_stack.py up
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from infra.processes import is_running, process_tree, processes_mentioning  # noqa: E402
+
 __all__ = [
     "RayHead",
     "S3Endpoint",
@@ -115,7 +119,7 @@ class RayHead:
 
     def process_ids(self) -> set[int]:
         """This head's processes: the `ray start --block` tree, and any daemon naming its temp dir."""
-        return _process_tree(self.pid) | _processes_mentioning(self.temp_dir)
+        return process_tree(self.pid) | processes_mentioning(self.temp_dir)
 
 
 def start_ray_head(
@@ -291,7 +295,7 @@ def _s3_answers(endpoint: S3Endpoint) -> bool:
 
 
 def stop_s3_endpoint(endpoint: S3Endpoint, *, grace_s: float = 5.0) -> None:
-    owned = _process_tree(endpoint.pid)
+    owned = process_tree(endpoint.pid)
     _signal_all(owned, signal.SIGTERM)
     _wait_for_exit(owned, grace_s)
     _signal_all(owned, signal.SIGKILL)
@@ -312,59 +316,6 @@ def _wait_until(ready, process: subprocess.Popen | None, timeout_s: float, what:
             raise RuntimeError(f"{what} exited with code {process.returncode} before it was ready")
         time.sleep(0.3)
     raise TimeoutError(f"{what} not ready after {timeout_s:.0f} s")
-
-
-def _parent_of_every_process() -> dict[int, int]:
-    parents = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # The command name in parentheses may contain spaces; the ppid is the 2nd field after it.
-        parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-    return parents
-
-
-def _process_tree(root: int) -> set[int]:
-    parents = _parent_of_every_process()
-    if root not in parents:
-        return set()
-    tree, frontier = {root}, [root]
-    while frontier:
-        parent = frontier.pop()
-        children = [pid for pid, ppid in parents.items() if ppid == parent and pid not in tree]
-        tree.update(children)
-        frontier.extend(children)
-    return tree
-
-
-def _processes_mentioning(text: str) -> set[int]:
-    """Processes whose command line names `text` (a head's private temp dir), with their trees."""
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if text.encode() in (entry / "cmdline").read_bytes():
-                found.add(int(entry.name))
-        except OSError:
-            continue
-    trees = set()
-    for pid in found:
-        trees |= _process_tree(pid)
-    return found | trees
-
-
-def is_running(pid: int) -> bool:
-    """True for a live process (a zombie counts as ended)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def _signal_all(pids: set[int], signum: int) -> None:

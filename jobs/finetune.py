@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
+from pipeline.cli import add_storage_argument  # noqa: E402
+from pipeline.local_ray import connect_ray, drop_ray_false_alarms_from_stderr  # noqa: E402
 from training.finetune import run_finetune  # noqa: E402
 from training.train_loop import FinetuneConfig  # noqa: E402
 
@@ -32,9 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--split", default="train")
     data.add_argument("--task", default="panoptic", choices=["panoptic", "instance"],
                       help="which annotation file to train on")
-    data.add_argument("--storage-options", type=json.loads, default=None,
-                      help='fsspec options for s3:// data, checkpoints and --init-from, e.g. '
-                           '\'{"key": "...", "secret": "...", "client_kwargs": {"endpoint_url": "http://..."}}\'')
+    add_storage_argument(data)  # s3:// data, checkpoints (--storage-path) and --init-from
     data.add_argument("--no-augment", action="store_true", help="no random scale / crop / flip")
     data.add_argument("--min-scale", type=float, default=0.8)
     data.add_argument("--max-scale", type=float, default=1.25)
@@ -81,16 +80,8 @@ def main(argv: list[str] | None = None) -> None:
         mixed_precision=not args.no_mixed_precision, augment=not args.no_augment, min_scale=args.min_scale,
         max_scale=args.max_scale, checkpoint_every=args.checkpoint_every, seed=args.seed)
 
-    import ray
-
-    if not ray.is_initialized():
-        address = args.address or os.environ.get("RAY_ADDRESS")
-        if address:
-            ray.init(address=address)
-        else:
-            from pipeline.segment_job import start_local_ray  # embedded Ray on 127.0.0.1, repo on workers' path
-
-            start_local_ray()
+    drop_ray_false_alarms_from_stderr()
+    connect_ray(args.address)  # RAY_ADDRESS's cluster, else an embedded Ray on 127.0.0.1
     result = run_finetune(config, num_workers=args.num_workers, use_gpu=args.use_gpu,
                           cpus_per_worker=args.cpus_per_worker, storage_path=args.storage_path, name=args.name,
                           max_failures=args.max_failures, output_model=args.output_model)

@@ -18,6 +18,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from pipeline.checkpoint import ModelLoadError  # noqa: E402
+from pipeline.cli import add_postprocess_arguments, add_storage_argument  # noqa: E402
+from pipeline.local_ray import drop_ray_false_alarms_from_stderr  # noqa: E402
 from pipeline.progress import PipelineStalledError  # noqa: E402
 from pipeline.segment_job import OutputNotEmptyError, SegmentationOptions, run_segmentation  # noqa: E402
 
@@ -33,15 +35,7 @@ def parse_args(argv: list[str] | None = None) -> SegmentationOptions:
     parser.add_argument("--output", default=DEFAULTS.output, help="local folder or s3:// prefix for the tables")
     parser.add_argument("--model", default=DEFAULTS.model,
                         help="checkpoint directory in transformers' layout (local or s3://)")
-    parser.add_argument("--tasks", default=",".join(DEFAULTS.tasks), help="comma list of panoptic,instance,semantic")
-    parser.add_argument("--threshold", type=float, default=DEFAULTS.threshold,
-                        help="minimum segment score kept")
-    parser.add_argument("--mask-threshold", type=float, default=DEFAULTS.mask_threshold,
-                        help="probability above which a pixel belongs to a mask")
-    parser.add_argument("--overlap-threshold", type=float, default=DEFAULTS.overlap_threshold,
-                        help="panoptic: minimum visible fraction of a mask for its segment to be kept")
-    parser.add_argument("--label-ids-to-fuse", default="", help="panoptic: comma list of label ids merged into "
-                                                                "one segment per image (stuff classes)")
+    add_postprocess_arguments(parser, tasks_default=DEFAULTS.tasks)
     parser.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size,
                         help="images per forward pass (default: 16 on a GPU, 4 on CPU)")
     parser.add_argument("--preprocess-actors", type=int, default=None, help="decode/preprocess actors "
@@ -58,9 +52,7 @@ def parse_args(argv: list[str] | None = None) -> SegmentationOptions:
     parser.add_argument("--resume", action="store_true", help="continue the run in --output: skip images "
                                                               "recorded 'ok', redo the rest")
     parser.add_argument("--overwrite", action="store_true", help="delete the tables in --output first")
-    parser.add_argument("--storage-options", default=None,
-                        help='JSON of fsspec options, e.g. \'{"endpoint_url": "http://127.0.0.1:5000"}\' '
-                             "(on top of the AWS_* environment variables)")
+    add_storage_argument(parser)
     parser.add_argument("--overlays", type=int, default=0, metavar="N",
                         help="also write PNG overlays for N images to <output>/overlays/")
     parser.add_argument("--stall-timeout", type=float, default=DEFAULTS.stall_timeout,
@@ -106,6 +98,7 @@ def print_summary(report: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    drop_ray_false_alarms_from_stderr()
     try:
         options = parse_args(argv)
         report = run_segmentation(options)

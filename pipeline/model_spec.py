@@ -7,6 +7,7 @@ weights (through `uri`, downloaded once per machine when remote).
 from __future__ import annotations
 
 import hashlib
+import json
 import posixpath
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 from pipeline.checkpoint import load_model, load_processor, localize_checkpoint
 from pipeline.storage import StorageConfig
 
-__all__ = ["ModelSpec", "resolve_model", "model_id"]
+__all__ = ["ModelSpec", "resolve_model", "model_id", "read_id2label"]
 
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 _DIGEST_CHARS = 12
@@ -42,6 +43,12 @@ class ModelSpec:
         # Only the weights are needed here: the JSON files were read once, on the driver.
         return load_model(localize_checkpoint(self.uri, storage, required_files=()), device=device, dtype=dtype,
                           config=Mask2FormerConfig.from_dict(self.config))
+
+
+def read_id2label(local_dir: Path) -> dict[int, str]:
+    """The labels of a local checkpoint, from its config.json alone (for tools that need nothing else)."""
+    config = json.loads((Path(local_dir) / "config.json").read_text())
+    return {int(k): str(v) for k, v in (config.get("id2label") or {}).items()}
 
 
 def _weights_file(local_dir: Path) -> Path | None:

@@ -36,7 +36,7 @@ def segment_records(row: dict, run_lengths: np.ndarray, *, id2label: dict, model
             image_uri=row["image_uri"], image_id=row["image_id"], height=height, width=width,
             task=row["segment_task"][k], segment_id=row["segment_id"][k], label_id=label_id,
             label=id2label.get(label_id, str(label_id)), score=None if score is None else float(score),
-            area=mask.area, bbox=mask.bbox, rle_size=mask.size, rle_counts=mask.counts,
+            area=mask["area"], bbox=mask["bbox"], rle_size=mask["size"], rle_counts=mask["counts"],
             was_fused=row["segment_was_fused"][k], model=model, run_id=run_id))
     return records
 

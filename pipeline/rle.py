@@ -6,32 +6,23 @@ pycocotools compresses them into its string form and derives area and bbox, neve
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 from pycocotools import mask as coco_mask
 
-__all__ = ["EncodedMask", "encode_run_lengths", "encode_mask", "mask_run_lengths"]
+__all__ = ["encode_run_lengths", "encode_mask", "mask_run_lengths"]
 
 
-@dataclass(frozen=True)
-class EncodedMask:
-    size: list[int]  # [height, width]
-    counts: str  # compressed COCO RLE
-    area: int
-    bbox: list[float]  # COCO [x, y, width, height]
-
-
-def encode_run_lengths(run_lengths: list[np.ndarray], *, height: int, width: int) -> list[EncodedMask]:
-    """Masks of one image given as column-major run lengths (first run = zeros) -> compressed COCO RLE."""
+def encode_run_lengths(run_lengths: list[np.ndarray], *, height: int, width: int) -> list[dict]:
+    """Masks of one image given as column-major run lengths (first run = zeros) -> per mask
+    {'size': [h, w], 'counts': compressed COCO RLE str, 'area': int, 'bbox': [x, y, w, h]}."""
     if not run_lengths:
         return []
     rles = coco_mask.frPyObjects([{"size": [height, width], "counts": counts} for counts in run_lengths],
                                  height, width)
     areas = coco_mask.area(rles)
     boxes = coco_mask.toBbox(rles)
-    return [EncodedMask(size=[height, width], counts=rle["counts"].decode("ascii"), area=int(area),
-                        bbox=[float(v) for v in box]) for rle, area, box in zip(rles, areas, boxes)]
+    return [{"size": [height, width], "counts": rle["counts"].decode("ascii"), "area": int(area),
+             "bbox": [float(v) for v in box]} for rle, area, box in zip(rles, areas, boxes)]
 
 
 def mask_run_lengths(mask: np.ndarray) -> np.ndarray:
@@ -45,7 +36,7 @@ def mask_run_lengths(mask: np.ndarray) -> np.ndarray:
     return lengths.astype(np.uint32)
 
 
-def encode_mask(mask: np.ndarray) -> EncodedMask:
-    """A dense (height, width) mask -> compressed COCO RLE, area and bbox (for readers holding dense masks)."""
+def encode_mask(mask: np.ndarray) -> dict:
+    """A dense (height, width) mask -> as `encode_run_lengths` gives it (for readers holding dense masks)."""
     height, width = mask.shape
     return encode_run_lengths([mask_run_lengths(mask)], height=height, width=width)[0]

@@ -15,18 +15,18 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
-from ray._private import ray_constants
 
 from pipeline.checkpoint import TORCH_DTYPES
+from pipeline.cli import POSTPROCESS_DEFAULTS, label_ids_argument, tasks_argument
 from pipeline.decode import DEFAULT_MAX_IMAGE_PIXELS
 from pipeline.device_postprocess import PostprocessSettings
 from pipeline.inference import COMPILE_PROGRESS_KEY, CONCURRENT_CALLS, InferenceStage, default_batch_size
 from pipeline.listing import IMAGE_EXTENSIONS, list_inputs
+from pipeline.local_ray import REPO_ROOT, connect_ray
 from pipeline.overlays import OVERLAYS_DIR, write_overlays
 from pipeline.pools import PoolPlan, plan_pools
 from pipeline.model_spec import ModelSpec, resolve_model
@@ -39,11 +39,10 @@ from pipeline.resume import compact, done_image_uris
 from pipeline.sinks import IMAGES_DIR, SEGMENTS_DIR, list_stems, read_table_file, write_json
 from pipeline.storage import StorageConfig, is_local_uri, join_uri
 
-__all__ = ["REPO_ROOT", "SegmentationOptions", "OutputNotEmptyError", "run_segmentation", "new_run_id", "start_local_ray"]
+__all__ = ["REPO_ROOT", "SegmentationOptions", "OutputNotEmptyError", "run_segmentation", "new_run_id"]
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 _MAX_INPUT_BLOCKS = 2000
 
 
@@ -59,9 +58,9 @@ class SegmentationOptions:
     output: str = str(REPO_ROOT / "out" / "samples-run")
     model: str = str(REPO_ROOT / "models" / "m2f-shapes-tiny")
     tasks: tuple[str, ...] = TASKS
-    threshold: float = 0.5
-    mask_threshold: float = 0.5
-    overlap_threshold: float = 0.8
+    threshold: float = POSTPROCESS_DEFAULTS["threshold"]
+    mask_threshold: float = POSTPROCESS_DEFAULTS["mask_threshold"]
+    overlap_threshold: float = POSTPROCESS_DEFAULTS["overlap_threshold"]
     label_ids_to_fuse: tuple[int, ...] = ()
     batch_size: int | None = None  # None: chosen for the device (16 on a GPU, 4 on CPU)
     preprocess_actors: int | None = None
@@ -83,9 +82,17 @@ class SegmentationOptions:
     show_progress: bool = True
 
     def validated(self) -> "SegmentationOptions":
-        tasks = tuple(t.strip() for t in (self.tasks.split(",") if isinstance(self.tasks, str) else self.tasks)
-                      if t.strip())
+        """Checked and normalised options: absolute local paths, typed tasks and label ids (comma strings, as
+        a dict from Python may hold them, are parsed like the CLI's), thresholds in [0, 1]."""
+        tasks = tasks_argument(self.tasks) if isinstance(self.tasks, str) else tuple(self.tasks)
         PostprocessSettings(tasks=tasks)  # raises on unknown tasks
+        fuse = label_ids_argument(self.label_ids_to_fuse) if isinstance(self.label_ids_to_fuse, str) \
+            else tuple(int(i) for i in self.label_ids_to_fuse)
+        for name in POSTPROCESS_DEFAULTS:
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"--{name.replace('_', '-')} {value} is outside [0, 1]; it is compared with "
+                                 "probabilities")
         if self.dtype is not None and self.dtype not in TORCH_DTYPES:
             raise ValueError(f"--dtype {self.dtype!r}: choose one of {', '.join(TORCH_DTYPES)}")
         if (self.batch_size is not None and self.batch_size < 1) or self.images_per_file < 1:
@@ -97,9 +104,6 @@ class SegmentationOptions:
         output = os.path.abspath(self.output) if is_local_uri(self.output) and "://" not in self.output \
             else self.output
         model = os.path.abspath(self.model) if "://" not in self.model else self.model
-        fuse = tuple(int(i) for i in (str(self.label_ids_to_fuse).split(",")
-                                      if isinstance(self.label_ids_to_fuse, str) else self.label_ids_to_fuse)
-                     if str(i).strip() != "")
         return replace(self, tasks=tasks, output=output, model=model, label_ids_to_fuse=fuse)
 
 
@@ -134,7 +138,7 @@ def run_segmentation(options: SegmentationOptions | dict) -> dict:
 
     plan, processed, pipeline_seconds, model_stats = None, [], 0.0, {}
     if pending.num_rows:
-        started_ray = _connect_ray(options.ray_address)
+        started_ray = connect_ray(options.ray_address)
         try:
             plan = plan_pools(ray.cluster_resources(), preprocess_actors=options.preprocess_actors,
                               model_actors=options.model_actors, postprocess_actors=options.postprocess_actors)
@@ -169,30 +173,6 @@ def _prepare_output(options: SegmentationOptions, storage: StorageConfig) -> Non
         raise OutputNotEmptyError(
             f"--output {options.output} already holds a labeling run; pass --resume to finish it (images "
             "recorded as 'ok' are skipped) or --overwrite to start over, or choose another --output")
-
-
-def _connect_ray(address: str | None) -> bool:
-    """Joins a running cluster when one is named, else starts an embedded one on 127.0.0.1. True if started."""
-    if ray.is_initialized():
-        return False
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-        return True
-    start_local_ray()
-    return True
-
-
-def start_local_ray(**init_kwargs) -> None:
-    """An embedded single-node Ray whose every process listens on 127.0.0.1 only."""
-    # Ray binds to the machine's outside address unless it believes it runs a laptop-only cluster; the flag is
-    # read from the environment at import (hence also the module constant) and by every process it spawns.
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    # Workers must import `pipeline` and `m2f_model` even when the package is not installed.
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(REPO_ROOT)) if p)
-    # address="local": start a fresh cluster even when another one on this machine is recorded as current.
-    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, **init_kwargs)
 
 
 def _input_blocks(pending: pa.Table, batch_size: int) -> list[pa.Table]:

@@ -1,9 +1,14 @@
 """Where bytes live: local paths, `file://`, `s3://` and any other fsspec URI, with the same options everywhere.
 
-The driver resolves the storage options once (the `--storage-options` JSON on top of the standard AWS
-environment variables) into a picklable `StorageConfig` that every stage receives as an argument, so a Ray
-worker on another machine reaches the bucket with the driver's settings instead of whatever its own
-environment holds.
+The one storage layer of every job (segment_bucket, finetune, evaluate, export_coco) and stage: the driver
+resolves the storage options once (the `--storage-options` JSON on top of the standard AWS environment
+variables) into a picklable `StorageConfig` that every stage, Ray worker and DataLoader worker receives as an
+argument, so a worker on another machine reaches the bucket with the driver's settings instead of whatever its
+own environment holds.
+
+`--storage-options` holds s3fs keyword arguments: `{"endpoint_url": ..., "key": ..., "secret": ...}`. The form
+older fsspec examples use, `{"client_kwargs": {"endpoint_url": ...}}`, means the same and is mapped onto
+`endpoint_url` (a top-level value wins when both are given).
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ from pathlib import Path
 
 import fsspec
 
-__all__ = ["StorageConfig", "join_uri", "is_local_uri", "protocol_of"]
+__all__ = ["StorageConfig", "join_uri", "is_local_uri", "protocol_of", "local_path"]
 
 _LOCAL_PROTOCOLS = {"file", "local"}
 _S3_PROTOCOLS = {"s3", "s3a"}
@@ -34,6 +39,11 @@ def protocol_of(uri: str) -> str:
 
 def is_local_uri(uri: str) -> bool:
     return protocol_of(uri) in _LOCAL_PROTOCOLS
+
+
+def local_path(uri: str) -> str:
+    """A plain path for a local path or file:// URI."""
+    return uri[len("file://"):] if uri.startswith("file://") else uri
 
 
 def join_uri(base: str, *parts: str) -> str:
@@ -62,6 +72,21 @@ def _s3_options_from_environment(environ: dict) -> dict:
     return options
 
 
+def _with_legacy_endpoint_mapped(options: dict) -> dict:
+    """`{"client_kwargs": {"endpoint_url": X}}` (the older fsspec spelling) -> `{"endpoint_url": X}`."""
+    client_kwargs = options.get("client_kwargs")
+    if not isinstance(client_kwargs, dict) or "endpoint_url" not in client_kwargs:
+        return options
+    mapped = dict(options)
+    rest = {k: v for k, v in client_kwargs.items() if k != "endpoint_url"}
+    mapped.setdefault("endpoint_url", client_kwargs["endpoint_url"])
+    if rest:
+        mapped["client_kwargs"] = rest
+    else:
+        del mapped["client_kwargs"]
+    return mapped
+
+
 @dataclass(frozen=True)
 class StorageConfig:
     """Filesystem options for every URI the job touches; picklable, so it travels to every Ray worker.
@@ -85,7 +110,16 @@ class StorageConfig:
         if storage_options is not None and not isinstance(storage_options, dict):
             raise ValueError(f"--storage-options must be a JSON object, got {type(storage_options).__name__}")
         environment = _s3_options_from_environment(dict(os.environ if environ is None else environ))
-        return cls(options=dict(storage_options or {}), s3_environment=environment)
+        return cls(options=_with_legacy_endpoint_mapped(dict(storage_options or {})), s3_environment=environment)
+
+    @classmethod
+    def coerce(cls, storage: "StorageConfig | dict | str | None") -> "StorageConfig":
+        """A resolved config as is; explicit options (dict / JSON / None) resolved over os.environ."""
+        if isinstance(storage, cls):
+            return storage
+        if isinstance(storage, dict) and set(storage) == {"options", "s3_environment"}:
+            return cls(**storage)  # a config that travelled as `dataclasses.asdict` output
+        return cls.resolve(storage)
 
     def fsspec_options(self, protocol: str) -> dict:
         if protocol in _LOCAL_PROTOCOLS:
@@ -101,13 +135,35 @@ class StorageConfig:
         """The fsspec filesystem for `uri` and the path inside it (no scheme)."""
         protocol = protocol_of(uri)
         options_json = json.dumps(self.fsspec_options(protocol), sort_keys=True, default=str)
-        filesystem = _cached_filesystem(protocol, options_json)
+        # The process id is part of the key: an s3fs instance used before a fork (DataLoader workers) fails after it.
+        filesystem = _cached_filesystem(protocol, options_json, os.getpid())
         return filesystem, filesystem._strip_protocol(uri)
 
     def read_bytes(self, uri: str) -> bytes:
         filesystem, path = self.filesystem(uri)
         with filesystem.open(path, "rb") as handle:
             return handle.read()
+
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        """Writes one file (a local file's folders are created)."""
+        filesystem, path = self.filesystem(uri)
+        if is_local_uri(uri):
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with filesystem.open(path, "wb") as handle:
+            handle.write(data)
+
+    def write_text(self, uri: str, text: str) -> None:
+        self.write_bytes(uri, text.encode("utf-8"))
+
+    def pyarrow_filesystem(self, uri: str):
+        """(path, pyarrow filesystem) for APIs that take one (Ray Train's storage): None for local paths, which
+        come back absolute; a remote URI goes through the same fsspec filesystem as everything else."""
+        if is_local_uri(uri):
+            return os.path.abspath(local_path(uri)), None
+        import pyarrow.fs
+
+        filesystem, path = self.filesystem(uri)
+        return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(filesystem))
 
     def redacted(self) -> dict:
         """The explicit options with credentials masked, for logs and report.json."""
@@ -123,9 +179,17 @@ class StorageConfig:
         complete_marker = target / ".complete"
         if complete_marker.exists():
             return target
+        self.download_directory(uri, target)
+        complete_marker.touch()
+        return target
+
+    def download_directory(self, uri: str, target: str | Path) -> Path:
+        """Copies every file under the remote folder `uri` into the local folder `target`; each file appears
+        complete or not at all (written under a partial name, then renamed)."""
         filesystem, path = self.filesystem(uri)
         if not filesystem.isdir(path):
-            raise FileNotFoundError(f"model directory {uri} does not exist or is not a folder")
+            raise FileNotFoundError(f"{uri} does not exist or is not a folder")
+        target = Path(target)
         target.mkdir(parents=True, exist_ok=True)
         for remote_file in filesystem.find(path):
             relative = posixpath.relpath(remote_file, path)
@@ -134,12 +198,11 @@ class StorageConfig:
             partial = local_file.with_name(local_file.name + f".part-{os.getpid()}")
             filesystem.get_file(remote_file, str(partial))
             os.replace(partial, local_file)
-        complete_marker.touch()
         return target
 
 
 @lru_cache(maxsize=16)
-def _cached_filesystem(protocol: str, options_json: str) -> fsspec.AbstractFileSystem:
+def _cached_filesystem(protocol: str, options_json: str, process_id: int) -> fsspec.AbstractFileSystem:
     if protocol in _LOCAL_PROTOCOLS:
         return fsspec.filesystem("file")
     return fsspec.filesystem(protocol, **json.loads(options_json))

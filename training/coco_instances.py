@@ -12,8 +12,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from training.augmentation import ScaleCropFlip
-from training.coco_categories import CocoCategories
-from training.segmentation_dataset import LoadedExample, SegmentationDataset, segment_ids_avoiding
+from training.segmentation_dataset import CocoFileDataset, LoadedExample, segment_ids_avoiding
 from training.storage import DatasetLocation
 
 __all__ = ["CocoInstanceDataset", "segmentation_to_rle"]
@@ -75,7 +74,7 @@ def segmentation_to_rle(segmentation: Any, height: int, width: int, *, check_dec
     raise ValueError(f"RLE counts must be a list of run lengths or a compressed string, got {type(counts).__name__}")
 
 
-class CocoInstanceDataset(SegmentationDataset):
+class CocoInstanceDataset(CocoFileDataset):
     """COCO instance segmentation: `annotation_path` (instances_*.json) and images under `image_folder`, both
     relative to `location`.
 
@@ -87,24 +86,16 @@ class CocoInstanceDataset(SegmentationDataset):
     def __init__(self, location: DatasetLocation, annotation_path: str, image_folder: str, *, processor: Any,
                  augmentation: ScaleCropFlip | None = None, on_bad_annotation: str = "skip",
                  check_masks_decode: bool = True) -> None:
-        super().__init__(processor=processor, augmentation=augmentation, on_bad_annotation=on_bad_annotation)
-        self.location = location
-        self.image_folder = image_folder
+        super().__init__(location, annotation_path, image_folder, kind="instances", processor=processor,
+                         augmentation=augmentation, on_bad_annotation=on_bad_annotation)
         self.check_masks_decode = check_masks_decode
-        self.annotation_source = location.describe(location.path(annotation_path))
-        coco = location.read_json(location.path(annotation_path))
-        for key in ("images", "annotations", "categories"):
-            if not isinstance(coco, dict) or not isinstance(coco.get(key), list):
-                raise ValueError(f"{self.annotation_source} lacks the '{key}' list of a COCO instances file.")
-        self.categories = CocoCategories.from_coco(coco["categories"], source=self.annotation_source,
-                                                   things_by_default=True)
-        self.id2label = self.categories.id2label
-        self.category_ids = list(self.categories.category_ids)
-
-        images = self._usable_images(coco["images"])
-        listed_image_ids = {entry.get("id") for entry in coco["images"] if isinstance(entry, dict)}
+        available = location.files_under(location.path(image_folder))
+        images = {entry["id"]: entry for entry in self.well_formed_images()
+                  if self.has_file(entry, available, folder=image_folder, file_name=entry["file_name"],
+                                   what="image file")}
+        listed_image_ids = {entry.get("id") for entry in self.coco_file["images"] if isinstance(entry, dict)}
         segments: dict[int, list[_InstanceSegment]] = {image_id: [] for image_id in images}
-        for annotation in coco["annotations"]:
+        for annotation in self.coco_file["annotations"]:
             image_id = annotation.get("image_id") if isinstance(annotation, dict) else None
             if image_id in images:
                 segment = self._segment(annotation, images[image_id])
@@ -121,17 +112,10 @@ class CocoInstanceDataset(SegmentationDataset):
             for image_id, entry in images.items()
         ]
 
-    def __len__(self) -> int:
-        return len(self.examples)
-
     def load_example(self, index: int) -> LoadedExample:
         record = self.examples[index]
         image_path = self.location.path(self.image_folder, record.file_name)
-        image = self.location.read_image(image_path, mode="RGB")
-        if image.shape[:2] != (record.height, record.width):
-            raise ValueError(f"{self.location.describe(image_path)} is {image.shape[1]}x{image.shape[0]} (WxH) but "
-                             f"{self.annotation_source} gives image {record.image_id} as "
-                             f"{record.width}x{record.height}; fix its width/height record.")
+        image = self.read_sized_image(image_path, record, mode="RGB", what="image")
         segment_map = np.full((record.height, record.width), self.ignore_index, dtype=np.int32)
         segment_ids = segment_ids_avoiding(len(record.segments), self.ignore_index)
         for segment_id, segment in zip(segment_ids, record.segments):
@@ -139,23 +123,6 @@ class CocoInstanceDataset(SegmentationDataset):
         segment_labels = {segment_id: segment.label for segment_id, segment in zip(segment_ids, record.segments)}
         return LoadedExample(image=image, segment_map=segment_map, segment_labels=segment_labels,
                              image_id=record.image_id, source=self.location.describe(image_path))
-
-    def _usable_images(self, image_entries: list) -> dict[int, dict]:
-        available = self.location.files_under(self.location.path(self.image_folder))
-        usable: dict[int, dict] = {}
-        for entry in image_entries:
-            if not (isinstance(entry, dict) and isinstance(entry.get("id"), int)
-                    and isinstance(entry.get("file_name"), str)
-                    and all(isinstance(entry.get(side), int) and entry[side] > 0 for side in ("height", "width"))):
-                self.skipped.add("malformed image record",
-                                 f"{str(entry)[:80]} in {self.annotation_source} needs an integer id, a file_name "
-                                 f"and positive integer height and width")
-            elif entry["file_name"] not in available:
-                path = self.location.describe(self.location.path(self.image_folder, entry["file_name"]))
-                self.skipped.add("missing image file", f"{path} (image id {entry['id']})")
-            else:
-                usable[entry["id"]] = entry
-        return usable
 
     def _segment(self, annotation: dict, image: dict) -> _InstanceSegment | None:
         name = f"annotation {_annotation_name(annotation)} of {image['file_name']}"

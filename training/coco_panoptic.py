@@ -11,8 +11,7 @@ from typing import Any
 import numpy as np
 
 from training.augmentation import ScaleCropFlip
-from training.coco_categories import CocoCategories
-from training.segmentation_dataset import LoadedExample, SegmentationDataset, segment_ids_avoiding
+from training.segmentation_dataset import CocoFileDataset, LoadedExample, segment_ids_avoiding
 from training.storage import DatasetLocation
 
 __all__ = ["CocoPanopticDataset", "panoptic_png_to_ids"]
@@ -41,7 +40,7 @@ class _PanopticImage:
     left_out_png_ids: frozenset[int]  # listed, but not a target (crowd, unknown category, ...)
 
 
-class CocoPanopticDataset(SegmentationDataset):
+class CocoPanopticDataset(CocoFileDataset):
     """COCO panoptic: `annotation_path` (panoptic_*.json), PNGs under `png_folder`, images under `image_folder`
     (all relative to `location`).
 
@@ -53,22 +52,11 @@ class CocoPanopticDataset(SegmentationDataset):
     def __init__(self, location: DatasetLocation, annotation_path: str, png_folder: str, image_folder: str, *,
                  processor: Any, augmentation: ScaleCropFlip | None = None,
                  on_bad_annotation: str = "skip") -> None:
-        super().__init__(processor=processor, augmentation=augmentation, on_bad_annotation=on_bad_annotation)
-        self.location = location
+        super().__init__(location, annotation_path, image_folder, kind="panoptic", processor=processor,
+                         augmentation=augmentation, on_bad_annotation=on_bad_annotation)
         self.png_folder = png_folder
-        self.image_folder = image_folder
-        self.annotation_source = location.describe(location.path(annotation_path))
-        coco = location.read_json(location.path(annotation_path))
-        for key in ("images", "annotations", "categories"):
-            if not isinstance(coco, dict) or not isinstance(coco.get(key), list):
-                raise ValueError(f"{self.annotation_source} lacks the '{key}' list of a COCO panoptic file.")
-        self.categories = CocoCategories.from_coco(coco["categories"], source=self.annotation_source,
-                                                   things_by_default=True)
-        self.id2label = self.categories.id2label
-        self.category_ids = list(self.categories.category_ids)
-
         annotations_by_image: dict[Any, dict] = {}
-        for annotation in coco["annotations"]:
+        for annotation in self.coco_file["annotations"]:
             if (not isinstance(annotation, dict) or not isinstance(annotation.get("file_name"), str)
                     or not isinstance(annotation.get("segments_info"), list)):
                 self.skipped.add("malformed panoptic annotation",
@@ -79,45 +67,26 @@ class CocoPanopticDataset(SegmentationDataset):
 
         available_images = location.files_under(location.path(image_folder))
         available_pngs = location.files_under(location.path(png_folder))
-        self.examples: list[_PanopticImage] = []
-        for entry in coco["images"]:
-            if not (isinstance(entry, dict) and isinstance(entry.get("id"), int)
-                    and isinstance(entry.get("file_name"), str)
-                    and all(isinstance(entry.get(side), int) and entry[side] > 0 for side in ("height", "width"))):
-                self.skipped.add("malformed image record",
-                                 f"{str(entry)[:80]} in {self.annotation_source} needs an integer id, a file_name "
-                                 f"and positive integer height and width")
-                continue
+        for entry in self.well_formed_images():
             annotation = annotations_by_image.get(entry["id"])
             if annotation is None:
                 self.skipped.add("image without a panoptic annotation",
                                  f"image {entry['id']} ({entry['file_name']}) in {self.annotation_source}")
-            elif entry["file_name"] not in available_images:
-                path = location.describe(location.path(image_folder, entry["file_name"]))
-                self.skipped.add("missing image file", f"{path} (image id {entry['id']})")
-            elif annotation["file_name"] not in available_pngs:
-                path = location.describe(location.path(png_folder, annotation["file_name"]))
-                self.skipped.add("missing panoptic PNG", f"{path} (image id {entry['id']})")
-            else:
+            elif (self.has_file(entry, available_images, folder=image_folder, file_name=entry["file_name"],
+                                what="image file")
+                  and self.has_file(entry, available_pngs, folder=png_folder, file_name=annotation["file_name"],
+                                    what="panoptic PNG")):
                 segments, left_out = self._segments(annotation["segments_info"], annotation["file_name"])
                 self.examples.append(_PanopticImage(
                     image_id=entry["id"], file_name=entry["file_name"], png_name=annotation["file_name"],
                     height=entry["height"], width=entry["width"], segments=segments, left_out_png_ids=left_out))
 
-    def __len__(self) -> int:
-        return len(self.examples)
-
     def load_example(self, index: int) -> LoadedExample:
         record = self.examples[index]
         image_path = self.location.path(self.image_folder, record.file_name)
-        png_path = self.location.path(self.png_folder, record.png_name)
-        image = self.location.read_image(image_path, mode="RGB")
-        png_ids = panoptic_png_to_ids(self.location.read_image(png_path, mode="RGB"))  # (H, W)
-        for name, path, size in (("image", image_path, image.shape[:2]), ("panoptic PNG", png_path, png_ids.shape)):
-            if size != (record.height, record.width):
-                raise ValueError(f"{self.location.describe(path)} ({name}) is {size[1]}x{size[0]} (WxH) but "
-                                 f"{self.annotation_source} gives image {record.image_id} as "
-                                 f"{record.width}x{record.height}.")
+        image = self.read_sized_image(image_path, record, mode="RGB", what="image")
+        png_ids = panoptic_png_to_ids(self.read_sized_image(self.location.path(self.png_folder, record.png_name),
+                                                            record, mode="RGB", what="panoptic PNG"))  # (H, W)
 
         segment_map = np.full(png_ids.shape, self.ignore_index, dtype=np.int32)
         segment_labels: dict[int, int] = {}

@@ -1,53 +1,58 @@
 """Scores segment predictions against a COCO-format split: PQ (panoptic), mask AP (instance), mIoU (semantic).
 
-Predictions come from either source in one common form, a list of `PredictedSegment` per image file name:
-- a model directory, run here (`predict_segments`: processor -> forward -> post_process_* -> COCO RLE), or
-- the Parquet tables a labeling run wrote (`read_segment_tables`: `segments/*.parquet` rows).
-Both then go through the same `score_predictions`, so the same segments give the same numbers. Images are
-matched by file name (the last part of `image_uri` against the COCO `file_name`); labels by class name.
+Predictions are always rows of the labeling job's segments table (`pipeline.records.SEGMENTS_SCHEMA`), from:
+- a model directory, run here (`predict_segments`) with the job's own decode, preprocessing, forward pass and
+  post-processing (`pipeline.postprocess`), so a model scored here and its labeling run's tables agree, or
+- a labeling run's tables (`read_run_predictions`): committed batches only, the latest row per image, exactly
+  what the job itself counts (a killed run's partial files are never scored), or
+- a COCO export of those tables (`pipeline.coco_export.read_coco_export`).
+All go through the same `score_predictions`. Images are matched by file name (the last part of `image_uri`
+against the COCO `file_name`); labels by class name.
 """
 from __future__ import annotations
 
 import json
 import posixpath
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
+import pyarrow as pa
 from pycocotools import mask as mask_utils
 
+from pipeline.coco_export import read_coco_export
+from pipeline.device_postprocess import PostprocessSettings
+from pipeline.inference import InferenceStage
+from pipeline.model_spec import resolve_model
+from pipeline.postprocess import segment_records
+from pipeline.preprocess import PreprocessStage
+from pipeline.records import FETCHED_SCHEMA, SEGMENTS_SCHEMA, TASKS, binary_column_views, table_from_records
+from pipeline.run_tables import read_run_tables
+from pipeline.storage import StorageConfig
 from training.metrics import (PanopticSegment, SemanticConfusion, accumulate_panoptic_stats, mask_average_precision,
                               panoptic_image_stats, semantic_image_confusion, summarize_panoptic, summarize_semantic)
 from training.storage import DatasetLocation, open_location
 
-__all__ = ["TASKS", "PredictedSegment", "GroundTruthSplit", "load_ground_truth", "predict_segments",
-           "read_segment_tables", "score_predictions", "format_report", "write_report", "encode_mask",
-           "stuff_label_ids"]
+__all__ = ["TASKS", "Predictions", "GroundTruthSplit", "load_ground_truth", "predict_segments",
+           "read_run_predictions", "read_export_predictions", "score_predictions", "format_report", "write_report", "stuff_label_ids",
+           "image_key"]
 
-TASKS = ("panoptic", "instance", "semantic")
 IGNORE_INDEX = 255
 
 
-@dataclass(frozen=True)
-class PredictedSegment:
-    """One predicted segment as the labeling pipeline stores it: task, class name, score and COCO RLE."""
+@dataclass
+class Predictions:
+    """Segments in the segments-table schema, and the images they cover (an image labeled 'ok' with no
+    segment is a prediction of nothing, not a missing prediction)."""
 
-    task: str
-    label: str
-    score: float
-    rle: Mapping[str, Any]  # {"size": [height, width], "counts": str}
-
-    def mask(self) -> np.ndarray:
-        counts = self.rle["counts"]
-        decoded = mask_utils.decode({"size": [int(v) for v in self.rle["size"]],
-                                     "counts": counts.encode("ascii") if isinstance(counts, str) else counts})
-        return decoded.astype(bool)  # (H, W)
+    segments: pa.Table  # SEGMENTS_SCHEMA rows
+    labeled_image_uris: set[str]
 
 
-def encode_mask(mask: np.ndarray) -> dict:
-    """(H, W) bool -> COCO RLE with a str `counts` (what the segments table stores)."""
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
+def _rle_mask(row: Mapping) -> np.ndarray:
+    """(height, width) bool mask of a segments-table row."""
+    return mask_utils.decode({"size": [int(v) for v in row["rle_size"]],
+                              "counts": row["rle_counts"].encode("ascii")}).astype(bool)
 
 
 @dataclass
@@ -67,6 +72,9 @@ class GroundTruthSplit:
 
     def image_path(self, image: Mapping) -> str:
         return self.location.path(self.split, image["file_name"])
+
+    def image_uri(self, image: Mapping) -> str:
+        return self.location.describe(self.image_path(image))
 
     def panoptic(self, image: Mapping) -> tuple[np.ndarray, list[PanopticSegment]]:
         """(H, W) segment-id map and its segments for one image."""
@@ -88,10 +96,12 @@ class GroundTruthSplit:
         return semantic
 
 
-def load_ground_truth(root: str, split: str, *, storage_options: dict | None = None,
+def load_ground_truth(root: str, split: str, *, storage: StorageConfig | dict | None = None,
                       limit: int | None = None) -> GroundTruthSplit:
-    """Reads annotations/{panoptic,instances}_{split}.json under `root` (local or s3://); at least one must exist."""
-    location = open_location(root, storage_options)
+    """Reads annotations/{panoptic,instances}_{split}.json under `root` (local or s3://); at least one must exist.
+
+    `storage`: a resolved StorageConfig, or --storage-options resolved over the AWS_* variables."""
+    location = open_location(root, storage)
     panoptic_path = location.path("annotations", f"panoptic_{split}.json")
     instances_path = location.path("annotations", f"instances_{split}.json")
     panoptic = location.read_json(panoptic_path) if location.exists(panoptic_path) else None
@@ -120,125 +130,48 @@ def image_key(uri_or_file_name: str) -> str:
     return posixpath.basename(str(uri_or_file_name).split("?")[0].rstrip("/"))
 
 
-def predict_segments(model: Any, processor: Any, ground_truth: GroundTruthSplit, *,
-                     tasks: Sequence[str] = TASKS, threshold: float = 0.5, instance_threshold: float | None = None,
-                     mask_threshold: float = 0.5, overlap_mask_area_threshold: float = 0.8,
-                     label_ids_to_fuse: Iterable[int] | None = None, batch_size: int = 8,
-                     device: str = "cpu") -> dict[str, list[PredictedSegment]]:
-    """Runs `model` on every image of the split and post-processes it into segments at the image's own size.
-
-    Images are batched only with images of the same preprocessed size, so padding never changes a result.
-    The knobs and their defaults are those of jobs/segment_bucket.py (transformers' names): label_ids_to_fuse
-    are panoptic labels merged into one segment per image (none by default, as in the labeling job; see
-    `stuff_label_ids` for the split's stuff classes).
-    """
-    import torch
-
-    id2label = {int(k): v for k, v in model.config.id2label.items()}
-    label_ids_to_fuse = set(label_ids_to_fuse or ())
-    instance_threshold = threshold if instance_threshold is None else instance_threshold
-
-    model.eval().to(device)
-    predictions: dict[str, list[PredictedSegment]] = {}
-    pending: list[tuple[str, tuple[int, int], Any]] = []  # (key, original size, pixel_values (3, h, w))
-
-    def flush() -> None:
-        if not pending:
-            return
-        pixel_values = torch.stack([item[2] for item in pending]).to(device)
-        sizes = [item[1] for item in pending]
-        with torch.inference_mode():
-            outputs = model(pixel_values=pixel_values)
-        outputs.class_queries_logits = outputs.class_queries_logits.float().cpu()
-        outputs.masks_queries_logits = outputs.masks_queries_logits.float().cpu()
-        per_task = {}
-        if "panoptic" in tasks:
-            per_task["panoptic"] = processor.post_process_panoptic_segmentation(
-                outputs, threshold=threshold, mask_threshold=mask_threshold,
-                overlap_mask_area_threshold=overlap_mask_area_threshold, label_ids_to_fuse=label_ids_to_fuse,
-                target_sizes=sizes)
-        if "instance" in tasks:
-            per_task["instance"] = processor.post_process_instance_segmentation(
-                outputs, threshold=instance_threshold, mask_threshold=mask_threshold,
-                overlap_mask_area_threshold=overlap_mask_area_threshold, target_sizes=sizes,
-                return_binary_maps=True)
-        if "semantic" in tasks:
-            per_task["semantic"] = processor.post_process_semantic_segmentation(outputs, target_sizes=sizes)
-        for index, (key, _size, _pixels) in enumerate(pending):
-            segments: list[PredictedSegment] = []
-            for task, results in per_task.items():
-                segments.extend(_segments_from_post_processing(task, results[index], id2label))
-            predictions[key] = segments
-        pending.clear()
-
-    for image in ground_truth.images:
-        rgb = ground_truth.location.read_image(ground_truth.image_path(image), mode="RGB")  # (H, W, 3)
-        pixel_values = processor(images=[rgb], return_tensors="pt")["pixel_values"][0]  # (3, h, w)
-        if pending and (len(pending) >= batch_size or pending[0][2].shape != pixel_values.shape):
-            flush()
-        pending.append((image_key(image["file_name"]), (int(rgb.shape[0]), int(rgb.shape[1])), pixel_values))
-    flush()
-    return predictions
+def predict_segments(model_uri: str, ground_truth: GroundTruthSplit, *, settings: PostprocessSettings,
+                     storage: StorageConfig | None = None, batch_size: int = 8, device: str = "cpu",
+                     dtype: str = "float32") -> Predictions:
+    """Runs the model in `model_uri` on every image of the split through the labeling job's own stages (decode +
+    resize, normalise + forward + post-processing on `device`, RLE), so scores here and a run's tables agree."""
+    storage = storage or ground_truth.location.storage
+    spec = resolve_model(model_uri, storage)
+    preprocess = PreprocessStage(spec=spec)
+    inference = InferenceStage(spec=spec, storage=storage, settings=settings, dtype=dtype, device=device)
+    records = []
+    images = list(ground_truth.images)
+    for start in range(0, len(images), batch_size):
+        fetched = pa.Table.from_pylist(
+            [{"image_uri": ground_truth.image_uri(image), "image_id": image["file_name"],
+              "data": storage.read_bytes(ground_truth.image_uri(image))} for image in images[start:start + batch_size]],
+            schema=FETCHED_SCHEMA)
+        segmented = inference(preprocess(fetched))
+        run_lengths = binary_column_views(segmented.column("run_lengths"), np.uint32)
+        for row, runs in zip(segmented.drop_columns(["run_lengths"]).to_pylist(), run_lengths):
+            if row["error_stage"]:
+                raise ValueError(f"{row['image_uri']}: {row['error_stage']} failed: {row['error_message']}")
+            records.extend(segment_records(row, runs, id2label=spec.id2label, model=spec.model_id,
+                                           run_id="evaluation"))
+    return Predictions(segments=table_from_records(records, SEGMENTS_SCHEMA),
+                       labeled_image_uris={ground_truth.image_uri(image) for image in images})
 
 
-def _segments_from_post_processing(task: str, result: Any, id2label: Mapping[int, str]) -> list[PredictedSegment]:
-    """One image's post-processor output -> segments with RLE masks (one per panoptic id / instance / class)."""
-    if task == "semantic":
-        label_map = np.asarray(result)  # (H, W) label ids
-        return [PredictedSegment("semantic", id2label[int(label_id)], 1.0, encode_mask(label_map == label_id))
-                for label_id in np.unique(label_map)]
-    segmentation = np.asarray(result["segmentation"])
-    infos = result["segments_info"]
-    segments = []
-    if task == "instance":
-        # return_binary_maps=True: (N, H, W) binary maps, one per entry of segments_info.
-        for index, info in enumerate(infos):
-            mask = segmentation[index] > 0
-            if mask.any():
-                segments.append(PredictedSegment("instance", id2label[int(info["label_id"])], float(info["score"]),
-                                                 encode_mask(mask)))
-        return segments
-    # Panoptic: fused stuff repeats its id in segments_info; one segment per id, scored by its best query.
-    by_id: dict[int, dict] = {}
-    for info in infos:
-        known = by_id.get(int(info["id"]))
-        if known is None or info["score"] > known["score"]:
-            by_id[int(info["id"])] = info
-    for segment_id, info in by_id.items():
-        mask = segmentation == segment_id
-        if mask.any():
-            segments.append(PredictedSegment("panoptic", id2label[int(info["label_id"])], float(info["score"]),
-                                             encode_mask(mask)))
-    return segments
+def read_run_predictions(output_uri: str, *, storage: StorageConfig | None = None) -> Predictions:
+    """The committed segments of a labeling run (its --output, local or s3://)."""
+    tables = read_run_tables(output_uri, StorageConfig.coerce(storage))
+    return Predictions(segments=tables.segments, labeled_image_uris=tables.ok_image_uris())
 
 
-def read_segment_tables(output_uri: str, *, storage_options: dict | None = None) -> dict[str, list[PredictedSegment]]:
-    """Reads `segments/*.parquet` of a labeling run (local or s3://) into segments keyed by image file name."""
-    import fsspec
-    import pyarrow.parquet as pq
-
-    filesystem, root = fsspec.core.url_to_fs(str(output_uri), **(storage_options or {}))
-    folder = root.rstrip("/") + "/segments"
-    files = sorted(path for path in (filesystem.find(folder) if filesystem.isdir(folder) else [])
-                   if path.endswith(".parquet"))
-    if not files:
-        raise FileNotFoundError(f"no segments/*.parquet under {output_uri}; pass the --output folder of "
-                                f"jobs/segment_bucket.py")
-    columns = ["image_uri", "task", "label", "score", "rle_size", "rle_counts"]
-    predictions: dict[str, list[PredictedSegment]] = {}
-    for path in files:
-        table = pq.read_table(path, filesystem=filesystem, columns=columns)
-        for row in table.to_pylist():
-            score = row["score"]
-            predictions.setdefault(image_key(row["image_uri"]), []).append(PredictedSegment(
-                task=row["task"], label=row["label"], score=float(score) if score is not None else 1.0,
-                rle={"size": list(row["rle_size"]), "counts": row["rle_counts"]}))
-    return predictions
+def read_export_predictions(export_uri: str, *, storage: StorageConfig | None = None) -> Predictions:
+    """The panoptic and instance segments of a COCO export (jobs/export_coco.py --output)."""
+    tables = read_coco_export(export_uri, storage=StorageConfig.coerce(storage))
+    return Predictions(segments=tables.segments, labeled_image_uris=tables.ok_image_uris())
 
 
-def score_predictions(ground_truth: GroundTruthSplit, predictions: Mapping[str, Sequence[PredictedSegment]], *,
+def score_predictions(ground_truth: GroundTruthSplit, predictions: Predictions, *,
                       tasks: Sequence[str] = TASKS) -> dict:
-    """PQ / mask AP / mIoU of `predictions` (keyed by image file name) on every image of `ground_truth`."""
+    """PQ / mask AP / mIoU of `predictions` on every image of `ground_truth` (matched by file name)."""
     category_by_name = {c["name"]: c for c in ground_truth.categories}
     if ground_truth.instances is not None:
         for record in ground_truth.instances["categories"]:
@@ -247,6 +180,11 @@ def score_predictions(ground_truth: GroundTruthSplit, predictions: Mapping[str, 
     if len(set(keys)) != len(keys):
         raise ValueError(f"{ground_truth.split} has several images with the same file name; predictions are "
                          f"matched by file name, so they must be unique")
+    labeled = {image_key(uri) for uri in predictions.labeled_image_uris}
+    rows_by_key: dict[str, list[dict]] = {}
+    for row in predictions.segments.select(["image_uri", "task", "label", "score", "rle_size",
+                                            "rle_counts"]).to_pylist():
+        rows_by_key.setdefault(image_key(row["image_uri"]), []).append(row)
 
     unknown_labels: dict[str, int] = {}
     panoptic_stats, semantic_total, detections = [], SemanticConfusion(), []
@@ -255,40 +193,39 @@ def score_predictions(ground_truth: GroundTruthSplit, predictions: Mapping[str, 
     run_semantic = "semantic" in tasks and ground_truth.has_panoptic
     run_instance = "instance" in tasks and ground_truth.instances is not None
     for image, key in zip(ground_truth.images, keys):
-        segments = predictions.get(key)
-        if segments is None:
-            missing += 1
-            segments = []
+        missing += key not in labeled
         size = (int(image["height"]), int(image["width"]))
-        by_task: dict[str, list[tuple[PredictedSegment, int]]] = {task: [] for task in TASKS}
-        for segment in segments:
-            category = category_by_name.get(segment.label)
+        by_task: dict[str, list[tuple[dict, int]]] = {task: [] for task in TASKS}
+        for row in rows_by_key.get(key, []) if key in labeled else []:
+            category = category_by_name.get(row["label"])
             if category is None:
-                unknown_labels[segment.label] = unknown_labels.get(segment.label, 0) + 1
+                unknown_labels[row["label"]] = unknown_labels.get(row["label"], 0) + 1
                 continue
-            if tuple(int(v) for v in segment.rle["size"]) != size:
-                raise ValueError(f"a {segment.task} segment of {key} has size {list(segment.rle['size'])} but the "
+            if tuple(int(v) for v in row["rle_size"]) != size:
+                raise ValueError(f"a {row['task']} segment of {key} has size {list(row['rle_size'])} but the "
                                  f"image is {list(size)}; predictions must be at the original image size")
-            by_task.setdefault(segment.task, []).append((segment, int(category["id"])))
+            by_task.setdefault(row["task"], []).append((row, int(category["id"])))
 
         if run_panoptic or run_semantic:
             gt_ids, gt_segments = ground_truth.panoptic(image)
         if run_panoptic:
             pred_ids = np.zeros(size, dtype=np.int64)
             pred_segments = []
-            for number, (segment, category_id) in enumerate(by_task["panoptic"], start=1):
-                pred_ids[segment.mask()] = number
+            for number, (row, category_id) in enumerate(by_task["panoptic"], start=1):
+                pred_ids[_rle_mask(row)] = number
                 pred_segments.append(PanopticSegment(number, category_id))
             panoptic_stats.append(panoptic_image_stats(gt_ids, gt_segments, pred_ids, pred_segments))
         if run_semantic:
             pred_semantic = np.full(size, -1, dtype=np.int64)  # -1: no class predicted here
-            for segment, category_id in by_task["semantic"]:
-                pred_semantic[segment.mask()] = category_id
+            for row, category_id in by_task["semantic"]:
+                pred_semantic[_rle_mask(row)] = category_id
             semantic_total.add(semantic_image_confusion(ground_truth.semantic(gt_ids, gt_segments), pred_semantic,
                                                         ignore_index=IGNORE_INDEX))
         if run_instance:
-            detections.extend({"image_id": image["id"], "category_id": category_id, "segmentation": segment.rle,
-                               "score": segment.score} for segment, category_id in by_task["instance"])
+            detections.extend({"image_id": image["id"], "category_id": category_id,
+                               "segmentation": {"size": list(row["rle_size"]), "counts": row["rle_counts"]},
+                               "score": 1.0 if row["score"] is None else float(row["score"])}
+                              for row, category_id in by_task["instance"])
 
     report: dict = {"split": ground_truth.split, "images": len(ground_truth.images),
                     "images_without_predictions": missing, "unknown_labels": unknown_labels}
@@ -335,9 +272,6 @@ def format_report(report: Mapping) -> str:
     return "\n".join(lines)
 
 
-def write_report(report: Mapping, path: str, *, storage_options: dict | None = None) -> None:
+def write_report(report: Mapping, path: str, *, storage: StorageConfig | None = None) -> None:
     """Writes the report as JSON to a local path or URI."""
-    import fsspec
-
-    with fsspec.open(path, "w", **(storage_options or {})) as handle:
-        json.dump(report, handle, indent=2)
+    StorageConfig.coerce(storage).write_text(path, json.dumps(report, indent=2))

@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
+from pipeline.storage import StorageConfig
 from training.train_loop import HISTORY_NAME, FinetuneConfig, train_loop_per_worker
 
 __all__ = ["run_finetune", "export_checkpoint", "plot_loss_curve", "storage_for_ray", "MODEL_FILES"]
@@ -22,18 +23,10 @@ __all__ = ["run_finetune", "export_checkpoint", "plot_loss_curve", "storage_for_
 MODEL_FILES = ("config.json", "model.safetensors", "preprocessor_config.json")
 
 
-def storage_for_ray(storage_path: str, storage_options: dict | None = None) -> tuple[str, Any]:
-    """(storage_path, storage_filesystem) for RunConfig: local paths made absolute; a URI with
-    storage_options (e.g. an s3 endpoint) goes through fsspec wrapped as a pyarrow filesystem."""
-    if "://" not in storage_path or storage_path.startswith("file://"):
-        return os.path.abspath(storage_path.removeprefix("file://")), None
-    if not storage_options:
-        return storage_path, None  # pyarrow resolves s3://, gs://, ... from the environment
-    import fsspec
-    import pyarrow.fs
-
-    filesystem, path = fsspec.core.url_to_fs(storage_path, **storage_options)
-    return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(filesystem))
+def storage_for_ray(storage_path: str, storage: StorageConfig | dict | None = None) -> tuple[str, Any]:
+    """(storage_path, storage_filesystem) for RunConfig: local paths made absolute; a URI goes through the same
+    storage layer as the data (`--storage-options` over the AWS_* variables), wrapped as a pyarrow filesystem."""
+    return StorageConfig.coerce(storage).pyarrow_filesystem(storage_path)
 
 
 def _absolute_if_local(path_or_uri: str) -> str:
@@ -56,7 +49,7 @@ def run_finetune(config: FinetuneConfig, *, num_workers: int = 2, use_gpu: bool 
     # Ray Train workers run in their own working directory: local paths must be absolute.
     config = dataclasses.replace(config, data=_absolute_if_local(config.data),
                                  init_from=_absolute_if_local(config.init_from) if config.init_from else None)
-    path, filesystem = storage_for_ray(storage_path, config.storage_options)
+    path, filesystem = storage_for_ray(storage_path, config.storage)
     resources = {"CPU": cpus_per_worker}
     if use_gpu:
         resources["GPU"] = 1

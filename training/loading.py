@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from pipeline.storage import StorageConfig
 from training.augmentation import ScaleCropFlip
 from training.coco_instances import CocoInstanceDataset
 from training.coco_panoptic import CocoPanopticDataset
@@ -15,7 +16,7 @@ COCO_TASKS = ("panoptic", "instance")
 
 
 def load_coco_dataset(root_or_uri: str, split: str, *, processor: Any, augmentation: ScaleCropFlip | None = None,
-                      task: str = "panoptic", storage_options: dict[str, Any] | None = None,
+                      task: str = "panoptic", storage_options: StorageConfig | dict[str, Any] | None = None,
                       image_folder: str | None = None, on_bad_annotation: str = "skip"
                       ) -> CocoPanopticDataset | CocoInstanceDataset:
     """A COCO-format split as a torch Dataset of training items (see `SegmentationDataset`).
@@ -30,7 +31,8 @@ def load_coco_dataset(root_or_uri: str, split: str, *, processor: Any, augmentat
     Labels: the file's categories sorted by COCO id become labels 0..L-1 (`dataset.id2label`,
     `dataset.label2id`, `dataset.category_ids[label]` = COCO id, `dataset.categories.thing_label_ids`).
     Bad records are skipped and counted in `dataset.skipped` (on_bad_annotation="raise": raise on the first).
-    `storage_options` go to fsspec, e.g. {"key": ..., "secret": ..., "client_kwargs": {"endpoint_url": ...}}.
+    `storage_options`: a resolved `pipeline.storage.StorageConfig`, or --storage-options (e.g. {"key": ...,
+    "secret": ..., "endpoint_url": ...}) resolved over the AWS_* variables.
     """
     location = open_location(root_or_uri, storage_options)
     image_folder = image_folder if image_folder is not None else split
@@ -48,7 +50,7 @@ def load_coco_dataset(root_or_uri: str, split: str, *, processor: Any, augmentat
 
 def load_semantic_dataset(root_or_uri: str, split: str, *, processor: Any, id2label: dict[int, str],
                           reduce_labels: bool | None = None, augmentation: ScaleCropFlip | None = None,
-                          storage_options: dict[str, Any] | None = None, image_folder: str | None = None,
+                          storage_options: StorageConfig | dict[str, Any] | None = None, image_folder: str | None = None,
                           label_folder: str | None = None, on_bad_annotation: str = "skip") -> SemanticMapDataset:
     """Semantic label maps as a torch Dataset of training items; ADE20K's layout by default:
 

@@ -22,8 +22,10 @@ import torch
 from torch.utils.data import Dataset
 
 from training.augmentation import ScaleCropFlip
+from training.coco_categories import CocoCategories
+from training.storage import DatasetLocation
 
-__all__ = ["SegmentationDataset", "SkippedRecords", "LoadedExample", "BAD_ANNOTATION_POLICIES",
+__all__ = ["SegmentationDataset", "CocoFileDataset", "SkippedRecords", "LoadedExample", "BAD_ANNOTATION_POLICIES",
            "segment_ids_avoiding"]
 
 BAD_ANNOTATION_POLICIES = ("skip", "raise")
@@ -148,6 +150,61 @@ class SegmentationDataset(Dataset):
             "class_labels": torch.as_tensor(encoded["class_labels"][0], dtype=torch.int64),  # (N,)
             "image_id": example.image_id,
         }
+
+
+class CocoFileDataset(SegmentationDataset):
+    """Base class of the COCO formats (instances, panoptic): one JSON file with images, annotations and
+    categories, and images under `image_folder`, both relative to `location`. Subclasses fill `self.examples`
+    (records with image_id, file_name, height, width) and implement `load_example`."""
+
+    def __init__(self, location: DatasetLocation, annotation_path: str, image_folder: str, *, kind: str,
+                 processor: Any, augmentation: ScaleCropFlip | None = None, on_bad_annotation: str = "skip") -> None:
+        super().__init__(processor=processor, augmentation=augmentation, on_bad_annotation=on_bad_annotation)
+        self.location = location
+        self.image_folder = image_folder
+        self.annotation_source = location.describe(location.path(annotation_path))
+        self.coco_file = location.read_json(location.path(annotation_path))
+        for key in ("images", "annotations", "categories"):
+            if not isinstance(self.coco_file, dict) or not isinstance(self.coco_file.get(key), list):
+                raise ValueError(f"{self.annotation_source} lacks the '{key}' list of a COCO {kind} file.")
+        self.categories = CocoCategories.from_coco(self.coco_file["categories"], source=self.annotation_source,
+                                                   things_by_default=True)
+        self.id2label = self.categories.id2label
+        self.category_ids = list(self.categories.category_ids)
+        self.examples: list = []
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def well_formed_images(self) -> Iterator[dict]:
+        """The file's image records that have an integer id, a file_name and a positive size; the rest are
+        skipped and counted."""
+        for entry in self.coco_file["images"]:
+            if (isinstance(entry, dict) and isinstance(entry.get("id"), int) and isinstance(entry.get("file_name"), str)
+                    and all(isinstance(entry.get(side), int) and entry[side] > 0 for side in ("height", "width"))):
+                yield entry
+            else:
+                self.skipped.add("malformed image record",
+                                 f"{str(entry)[:80]} in {self.annotation_source} needs an integer id, a file_name "
+                                 f"and positive integer height and width")
+
+    def has_file(self, entry: dict, available: set[str], *, folder: str, file_name: str, what: str) -> bool:
+        """True if `file_name` is among the `available` files of `folder`; else the image is skipped as missing
+        its `what` ("image file", "panoptic PNG")."""
+        if file_name in available:
+            return True
+        path = self.location.describe(self.location.path(folder, file_name))
+        self.skipped.add(f"missing {what}", f"{path} (image id {entry['id']})")
+        return False
+
+    def read_sized_image(self, path: str, record: Any, *, mode: str, what: str) -> np.ndarray:
+        """The image at `path`, checked to have the record's height and width."""
+        pixels = self.location.read_image(path, mode=mode)
+        if pixels.shape[:2] != (record.height, record.width):
+            raise ValueError(f"{self.location.describe(path)} is {pixels.shape[1]}x{pixels.shape[0]} (WxH) but "
+                             f"{self.annotation_source} gives image {record.image_id} as "
+                             f"{record.width}x{record.height}; fix its width/height record or the {what}.")
+        return pixels
 
 
 def _without_label_reduction(processor: Any) -> Any:

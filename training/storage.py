@@ -1,14 +1,15 @@
-"""Reading dataset files from a local folder or an object store (s3://...) through fsspec."""
+"""Reading dataset files from a local folder or an object store (s3://...) through the pipeline's storage layer."""
 from __future__ import annotations
 
 import io
 import json
-import os
 from typing import Any
 
 import fsspec
 import numpy as np
 from PIL import Image
+
+from pipeline.storage import StorageConfig
 
 __all__ = ["DatasetLocation", "open_location"]
 
@@ -16,31 +17,19 @@ __all__ = ["DatasetLocation", "open_location"]
 class DatasetLocation:
     """A dataset root on some filesystem: joins relative paths, lists folders, reads JSON and images.
 
-    Safe to fork and to pickle (DataLoader workers, Ray Train workers): the fsspec filesystem is rebuilt from the
-    URI and storage options in every new process, because an s3fs instance used before a fork refuses to work
-    after it ("This class is not fork-safe").
+    Safe to fork and to pickle (DataLoader workers, Ray Train workers): it holds only the URI and the resolved
+    `StorageConfig`, whose filesystem cache is per process.
     """
 
-    def __init__(self, uri: str, storage_options: dict[str, Any] | None = None) -> None:
+    def __init__(self, uri: str, storage: StorageConfig | dict | str | None = None) -> None:
         self.uri = str(uri)
-        self.storage_options = dict(storage_options or {})
-        filesystem, root = fsspec.core.url_to_fs(self.uri, **self.storage_options)
+        self.storage = StorageConfig.coerce(storage)
+        _, root = self.storage.filesystem(self.uri)
         self.root = root.rstrip("/")
-        self._filesystem: fsspec.AbstractFileSystem | None = filesystem
-        self._filesystem_pid = os.getpid()
 
     @property
     def filesystem(self) -> fsspec.AbstractFileSystem:
-        if self._filesystem is None or self._filesystem_pid != os.getpid():
-            # fsspec clears its instance cache in a new process, so this is a fresh instance there.
-            self._filesystem, _ = fsspec.core.url_to_fs(self.uri, **self.storage_options)
-            self._filesystem_pid = os.getpid()
-        return self._filesystem
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_filesystem"] = None
-        return state
+        return self.storage.filesystem(self.uri)[0]
 
     def path(self, *parts: str) -> str:
         return "/".join([self.root, *(part.strip("/") for part in parts if part)])
@@ -88,6 +77,9 @@ class DatasetLocation:
             raise ValueError(f"{self.describe(path)} could not be decoded as an image: {error}") from error
 
 
-def open_location(root_or_uri: str, storage_options: dict[str, Any] | None = None) -> DatasetLocation:
-    """A `DatasetLocation` for a local path or a URI such as s3://bucket/prefix (storage_options go to fsspec)."""
-    return DatasetLocation(str(root_or_uri), storage_options)
+def open_location(root_or_uri: str, storage: StorageConfig | dict | str | None = None) -> DatasetLocation:
+    """A `DatasetLocation` for a local path or a URI such as s3://bucket/prefix.
+
+    `storage`: a resolved StorageConfig, or `--storage-options` (dict / JSON) resolved over the AWS_* variables.
+    """
+    return DatasetLocation(str(root_or_uri), storage)

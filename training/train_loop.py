@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from pipeline.storage import StorageConfig, is_local_uri, local_path
+
 __all__ = ["FinetuneConfig", "train_loop_per_worker", "build_model_and_processor", "poly_lr_factor",
            "local_directory", "TRAINING_STATE_NAME", "HISTORY_NAME", "BACKBONE_PREFIX"]
 
@@ -39,7 +41,9 @@ class FinetuneConfig:
     init_from: str | None = None  # a transformers-layout checkpoint directory
     model_config: dict | None = None  # Mask2FormerConfig kwargs, for training from scratch
     image_size: int | None = None  # fixed processor size for a scratch model; init_from keeps its processor
-    storage_options: dict | None = None
+    storage_options: dict | None = None  # --storage-options: explicit s3fs options
+    # Resolved once on the driver (storage_options over its AWS_* variables); travels to the workers as a dict.
+    storage: StorageConfig | dict | None = None
     batch_size: int = 4  # per worker
     epochs: int = 1
     max_steps: int | None = None  # overrides epochs
@@ -58,6 +62,9 @@ class FinetuneConfig:
     seed: int = 0
     extra: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        self.storage = StorageConfig.coerce(self.storage if self.storage is not None else self.storage_options)
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -70,20 +77,13 @@ def poly_lr_factor(step: int, *, total_steps: int, warmup_steps: int, power: flo
     return max(0.0, 1.0 - progress) ** power
 
 
-def local_directory(uri: str, storage_options: dict | None) -> tuple[str, tempfile.TemporaryDirectory | None]:
-    """A local path for a checkpoint directory given as a path or URI (s3://... is downloaded)."""
-    import fsspec
-
-    filesystem, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
-    protocol = filesystem.protocol if isinstance(filesystem.protocol, str) else filesystem.protocol[0]
-    if protocol in ("file", "local"):
-        return path, None
+def local_directory(uri: str, storage: StorageConfig | dict | None) -> tuple[str, tempfile.TemporaryDirectory | None]:
+    """A local path for a checkpoint directory given as a path or URI (s3://... is downloaded to a temporary
+    folder, returned second so the caller can clean it up)."""
+    if is_local_uri(uri):
+        return local_path(uri), None
     download = tempfile.TemporaryDirectory(prefix="m2f-init-")
-    for remote in filesystem.find(path):
-        relative = remote[len(path.rstrip("/")) + 1:]
-        target = Path(download.name) / relative
-        target.parent.mkdir(parents=True, exist_ok=True)
-        filesystem.get(remote, str(target))
+    StorageConfig.coerce(storage).download_directory(uri, download.name)
     return download.name, download
 
 
@@ -95,7 +95,7 @@ def build_model_and_processor(config: FinetuneConfig, id2label: dict[int, str]) 
 
     label2id = {name: label for label, name in id2label.items()}
     if config.init_from:
-        local, download = local_directory(config.init_from, config.storage_options)
+        local, download = local_directory(config.init_from, config.storage)
         try:
             init_config = Mask2FormerConfig.from_pretrained(local)
             old_labels = {int(k): v for k, v in init_config.id2label.items()}
@@ -201,7 +201,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     probe_processor = _fixed_size_processor(config.image_size or 384, 1)
     labels_dataset = load_coco_dataset(config.data, config.train_split, processor=probe_processor,
-                                       task=config.task, storage_options=config.storage_options)
+                                       task=config.task, storage_options=config.storage)
     id2label = dict(labels_dataset.id2label)
 
     checkpoint = ray.train.get_checkpoint()
@@ -228,7 +228,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     augmentation = (ScaleCropFlip(min_scale=config.min_scale, max_scale=config.max_scale, crop_size=crop,
                                   seed=config.seed) if config.augment else None)
     dataset = load_coco_dataset(config.data, config.train_split, processor=processor, augmentation=augmentation,
-                                task=config.task, storage_options=config.storage_options)
+                                task=config.task, storage_options=config.storage)
     if rank == 0 and dataset.skipped:
         print(f"[finetune] {config.data} {config.train_split}: {dataset.skipped}")
 

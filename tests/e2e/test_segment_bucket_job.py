@@ -24,6 +24,8 @@ import pyarrow.parquet as pq
 import pytest
 from pycocotools import mask as coco_mask
 
+from infra.processes import cpu_seconds
+
 pytestmark = [pytest.mark.slow,
               # pycocotools' decode on numpy 2 warns once per call; nothing to act on here.
               pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")]
@@ -226,11 +228,6 @@ def _model_actors(actors: list[dict]) -> list[dict]:
     return [a for a in actors if "InferenceStage" in (a.get("repr_name") or "") + (a.get("class_name") or "")]
 
 
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
-
-
 def test_model_actor_killed_mid_run_is_restarted_and_output_stays_complete(
         submit_ray_job, ray_head, s3_endpoint, s3_filesystem, labeling_inputs, encoded_test_image, tmp_path):
     inputs = labeling_inputs
@@ -267,7 +264,7 @@ def test_model_actor_killed_mid_run_is_restarted_and_output_stays_complete(
                     continue
                 pid = int(actor["pid"])
                 try:
-                    spent = _cpu_seconds(pid) - baseline.setdefault(pid, _cpu_seconds(pid))
+                    spent = cpu_seconds(pid) - baseline.setdefault(pid, cpu_seconds(pid))
                 except OSError:
                     continue
                 if spent >= 1.0:

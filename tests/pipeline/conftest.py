@@ -11,7 +11,7 @@ def ray_session():
     """An embedded Ray shared by every test that runs the pipeline; bound to 127.0.0.1, no dashboard."""
     import ray
 
-    from pipeline.segment_job import start_local_ray
+    from pipeline.local_ray import start_local_ray
 
     if ray.is_initialized():
         yield ray

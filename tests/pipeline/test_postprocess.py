@@ -138,9 +138,9 @@ def test_run_lengths_give_pycocotools_own_rle_area_and_box(shape):
     for mask in (rng.random(shape) > 0.6, np.ones(shape, bool), np.zeros(shape, bool)):
         reference = coco_mask.encode(np.asfortranarray(mask.astype(np.uint8)))
         encoded = encode_mask(mask)
-        assert encoded.counts == reference["counts"].decode("ascii") and encoded.size == list(shape)
-        assert encoded.area == mask.sum()
-        assert encoded.bbox == [float(v) for v in coco_mask.toBbox(reference)]
+        assert encoded["counts"] == reference["counts"].decode("ascii") and encoded["size"] == list(shape)
+        assert encoded["area"] == mask.sum()
+        assert encoded["bbox"] == [float(v) for v in coco_mask.toBbox(reference)]
 
 
 def test_device_run_lengths_match_dense_encoding_at_the_edges():

@@ -288,15 +288,11 @@ def test_job_killed_part_way_then_resumed_has_every_image_exactly_once(
 def _kill_session(session_id: int, sig: int) -> None:
     """Signals every process whose session is `session_id` (Ray puts each worker in its own process group, so
     killing the driver's group alone would let an actor finish the write it is in)."""
-    from pathlib import Path
+    from infra.processes import all_process_stats
 
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[3]) == session_id:  # fields after the command: state, ppid, pgrp, session, ...
+    for stat in all_process_stats():
+        if stat.session == session_id:
             try:
-                os.kill(int(stat.parent.name), sig)
+                os.kill(stat.pid, sig)
             except ProcessLookupError:
                 pass

@@ -50,3 +50,35 @@ def test_local_paths_and_uris_read_bytes_alike(tmp_path):
     assert config.read_bytes(str(tmp_path / "a.bin")) == config.read_bytes(f"file://{tmp_path}/a.bin") == b"abc"
     assert protocol_of("s3://b/k") == "s3" and protocol_of("/x") == "file"
     assert join_uri("s3://b/prefix/", "images", "x.parquet") == "s3://b/prefix/images/x.parquet"
+
+
+def test_the_older_client_kwargs_endpoint_form_means_the_same_as_endpoint_url():
+    legacy = StorageConfig.resolve({"client_kwargs": {"endpoint_url": "http://127.0.0.1:5000", "verify": False}},
+                                   environ={})
+    assert legacy.fsspec_options("s3") == {"endpoint_url": "http://127.0.0.1:5000", "client_kwargs": {"verify": False}}
+    assert StorageConfig.resolve({"client_kwargs": {"endpoint_url": "http://a"}}, environ={}) \
+        .fsspec_options("s3") == StorageConfig.resolve({"endpoint_url": "http://a"}, environ={}).fsspec_options("s3")
+    # The explicit endpoint also wins over the environment's in the older form.
+    assert StorageConfig.resolve({"client_kwargs": {"endpoint_url": "http://a"}}, environ=AWS) \
+        .fsspec_options("s3")["endpoint_url"] == "http://a"
+
+
+def test_a_config_that_travelled_as_a_dict_comes_back_equal():
+    from dataclasses import asdict
+
+    config = StorageConfig.resolve({"endpoint_url": "http://a"}, environ=AWS)
+    assert StorageConfig.coerce(asdict(config)) == config
+    assert StorageConfig.coerce(config) is config
+
+
+def test_training_dataset_locations_read_through_the_same_storage_layer(tmp_path):
+    import pickle
+
+    from training.storage import open_location
+
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "annotations" / "x.json").write_text('{"a": 1}')
+    config = StorageConfig.resolve({"endpoint_url": "http://a"}, environ=AWS)
+    location = pickle.loads(pickle.dumps(open_location(str(tmp_path), config)))
+    assert location.storage == config
+    assert location.read_json(location.path("annotations", "x.json")) == {"a": 1}

@@ -1,19 +1,21 @@
-"""Evaluation end to end: ground truth scored against itself, and a model scored directly equals the same
-model's segments read back from Parquet tables in the labeling job's schema."""
+"""Evaluation: ground truth scored against itself, a run's committed tables scored like the segments they hold
+(a killed run's leftovers ignored), the labeling job's flag names. The model scored directly against a real run's
+tables: tests/pipeline/test_evaluation_and_export_of_runs.py."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from tiny_checkpoints import save_tiny_checkpoint
-from training.evaluation import (PredictedSegment, encode_mask, load_ground_truth, predict_segments,
-                                 read_segment_tables, score_predictions)
+from pipeline.rle import encode_mask
+from pipeline.records import IMAGES_SCHEMA, SEGMENTS_SCHEMA, ImageRecord, SegmentRecord, table_from_records
+from pipeline.sinks import write_batch, write_table_file
+from pipeline.storage import StorageConfig
+from training.evaluation import Predictions, load_ground_truth, read_run_predictions, score_predictions
 from training.shapes import ShapesConfig, rgb_to_panoptic_id, write_shapes_dataset
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -27,12 +29,6 @@ def train_eval_shapes(tmp_path_factory) -> Path:
                                                     min_visible_pixels=60))
 
 
-@pytest.fixture(scope="module")
-def train_eval_model(tmp_path_factory) -> Path:
-    # Names match the shapes categories, so predictions map onto them.
-    return save_tiny_checkpoint(tmp_path_factory.mktemp("eval-model"), seed=3)
-
-
 def _load_job(name: str):
     """Imports jobs/<name>.py (jobs/ is a folder of scripts, not a package)."""
     import importlib.util
@@ -43,45 +39,50 @@ def _load_job(name: str):
     return module
 
 
-def _perfect_predictions(root: Path) -> dict[str, list[PredictedSegment]]:
-    """Every ground-truth segment as a prediction of all three tasks."""
+def _segment(uri: str, task: str, name: str, score: float | None, mask: np.ndarray) -> SegmentRecord:
+    encoded = encode_mask(mask)
+    label_id = {v: k - 1 for k, v in NAMES.items()}[name]
+    return SegmentRecord(image_uri=uri, image_id=uri.rsplit("/", 1)[-1], height=mask.shape[0], width=mask.shape[1],
+                         task=task, segment_id=0, label_id=label_id, label=name, score=score, area=encoded["area"],
+                         bbox=encoded["bbox"], rle_size=encoded["size"], rle_counts=encoded["counts"],
+                         was_fused=False, model="m", run_id="r")
+
+
+def _perfect_segments(root: Path, bucket: str) -> dict[str, list[SegmentRecord]]:
+    """Every ground-truth segment as a prediction of all three tasks, by image URI."""
     panoptic = json.loads((root / "annotations" / "panoptic_val.json").read_text())
-    predictions = {}
+    by_uri = {}
     for annotation in panoptic["annotations"]:
         ids = rgb_to_panoptic_id(np.asarray(Image.open(root / "annotations" / "panoptic_val" / annotation["file_name"])))
+        uri = f"{bucket}/{annotation['file_name']}"
         segments = []
         for info in annotation["segments_info"]:
-            rle = encode_mask(ids == info["id"])
-            name = NAMES[info["category_id"]]
-            segments.append(PredictedSegment("panoptic", name, 0.9, rle))
-            segments.append(PredictedSegment("semantic", name, 1.0, rle))
+            name, mask = NAMES[info["category_id"]], ids == info["id"]
+            segments.append(_segment(uri, "panoptic", name, 0.9, mask))
+            segments.append(_segment(uri, "semantic", name, None, mask))
             if info["category_id"] <= 3:
-                segments.append(PredictedSegment("instance", name, 0.9, rle))
-        predictions[annotation["file_name"]] = segments
-    return predictions
+                segments.append(_segment(uri, "instance", name, 0.9, mask))
+        by_uri[uri] = segments
+    return by_uri
 
 
-def _write_segments_parquet(output: Path, predictions: dict[str, list[PredictedSegment]], bucket: str) -> None:
-    """segments/*.parquet in the labeling job's schema (DESIGN.md, "Output tables"), split over two files."""
-    rows = []
-    for file_name, segments in predictions.items():
-        for number, segment in enumerate(segments):
-            height, width = segment.rle["size"]
-            rows.append({"image_uri": f"{bucket}/{file_name}", "image_id": file_name, "height": height,
-                         "width": width, "task": segment.task, "segment_id": number, "label_id": 0,
-                         "label": segment.label, "score": None if segment.task == "semantic" else segment.score,
-                         "area": int(segment.mask().sum()), "bbox": [0.0, 0.0, 1.0, 1.0],
-                         "rle_size": [height, width], "rle_counts": segment.rle["counts"], "was_fused": False,
-                         "model": "m", "run_id": "r"})
-    (output / "segments").mkdir(parents=True)
-    half = len(rows) // 2
-    for index, part in enumerate((rows[:half], rows[half:])):
-        pq.write_table(pa.Table.from_pylist(part), output / "segments" / f"part-{index}.parquet")
+def _predictions(by_uri: dict[str, list[SegmentRecord]]) -> Predictions:
+    return Predictions(segments=table_from_records([s for v in by_uri.values() for s in v], SEGMENTS_SCHEMA),
+                       labeled_image_uris=set(by_uri))
+
+
+def _commit(output: Path, stem: str, by_uri: dict[str, list[SegmentRecord]]) -> None:
+    """One batch committed as the job commits it (segments file, then images file)."""
+    images = [ImageRecord(image_uri=uri, image_id=uri.rsplit("/", 1)[-1], status="ok", run_id="r")
+              for uri in by_uri]
+    write_batch(str(output), StorageConfig.resolve(None, environ={}), stem,
+                segments=table_from_records([s for v in by_uri.values() for s in v], SEGMENTS_SCHEMA),
+                images=table_from_records(images, IMAGES_SCHEMA))
 
 
 def test_ground_truth_scored_against_itself_is_perfect_on_every_metric(train_eval_shapes):
     ground_truth = load_ground_truth(str(train_eval_shapes), "val")
-    report = score_predictions(ground_truth, _perfect_predictions(train_eval_shapes))
+    report = score_predictions(ground_truth, _predictions(_perfect_segments(train_eval_shapes, "s3://b")))
     for group in ("all", "things", "stuff"):
         assert report["panoptic"][group]["pq"] == pytest.approx(100.0)
     assert report["instance"]["ap"] == pytest.approx(100.0)
@@ -89,56 +90,57 @@ def test_ground_truth_scored_against_itself_is_perfect_on_every_metric(train_eva
     assert report["images_without_predictions"] == 0
 
 
-def test_parquet_tables_give_the_same_numbers_as_the_segments_they_hold(tmp_path, train_eval_shapes):
-    predictions = _perfect_predictions(train_eval_shapes)
-    first = sorted(predictions)[0]
-    predictions[first] = [s for s in predictions[first] if s.label != "sky"]  # make it imperfect
-    _write_segments_parquet(tmp_path / "run", predictions, "s3://bucket/images")
+def test_committed_tables_score_like_their_segments_and_a_killed_batch_is_not_scored(tmp_path, train_eval_shapes):
+    by_uri = _perfect_segments(train_eval_shapes, "s3://bucket/images")
+    uris = sorted(by_uri)
+    by_uri[uris[0]] = [s for s in by_uri[uris[0]] if s.label != "sky"]  # make it imperfect
+    output = tmp_path / "run"
+    _commit(output, "r-a", {uri: by_uri[uri] for uri in uris[:2]})
+    _commit(output, "r-b", {uri: by_uri[uri] for uri in uris[2:4]})
+    # What a kill leaves: a batch whose segments file was written but never its images file, and a temporary
+    # file; both hold perfect segments of the last image, which the job does not count as labeled.
+    leftover = table_from_records(by_uri[uris[4]], SEGMENTS_SCHEMA)
+    storage = StorageConfig.resolve(None, environ={})
+    write_table_file(str(output), storage, "segments", "r-killed", leftover)
+    pq.write_table(leftover, output / "segments" / ".tmp-0123-r-c.parquet")
+
     ground_truth = load_ground_truth(str(train_eval_shapes), "val")
-    direct = score_predictions(ground_truth, predictions)
-    from_tables = score_predictions(ground_truth, read_segment_tables(str(tmp_path / "run")))
+    from_tables = score_predictions(ground_truth, read_run_predictions(str(output)))
+    direct = score_predictions(ground_truth, _predictions({uri: by_uri[uri] for uri in uris[:4]}))
+    assert from_tables["images_without_predictions"] == 1
     assert direct["panoptic"]["stuff"]["pq"] < 100.0
     assert from_tables == direct
 
 
-def test_model_scored_directly_and_through_parquet_agree(tmp_path, train_eval_shapes, train_eval_model):
-    from m2f_model import Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor
-
-    model = Mask2FormerForUniversalSegmentation.from_pretrained(train_eval_model)
-    processor = Mask2FormerImageProcessor.from_pretrained(train_eval_model)
-    ground_truth = load_ground_truth(str(train_eval_shapes), "val")
-    # A random model: a zero threshold keeps its (poor) segments so there is something to compare.
-    predictions = predict_segments(model, processor, ground_truth, threshold=0.0, batch_size=2)
-    assert sum(len(v) for v in predictions.values()) > 0
-    assert all(s.rle["size"] == [64, 64] for segments in predictions.values() for s in segments)
-    _write_segments_parquet(tmp_path / "run", predictions, "file:///data/bucket")
-
-    evaluate_main = _load_job("evaluate").main
-
-    direct = evaluate_main(["--model", str(train_eval_model), "--data", str(train_eval_shapes), "--threshold", "0",
-                            "--batch-size", "2", "--json", str(tmp_path / "direct.json")])
-    tables = evaluate_main(["--predictions", str(tmp_path / "run"), "--data", str(train_eval_shapes)])
-    for task in ("panoptic", "instance", "semantic"):
-        assert tables[task] == direct[task], task
-    assert json.loads((tmp_path / "direct.json").read_text())["panoptic"] == direct["panoptic"]
+def test_evaluate_takes_the_labeling_jobs_flag_names_and_the_old_spelling(capsys):
+    parse_args = _load_job("evaluate").parse_args
+    args = parse_args(["--model", "m", "--data", "d", "--overlap-threshold", "0.6", "--mask-threshold", "0.3",
+                       "--label-ids-to-fuse", "3,4", "--tasks", "panoptic"])
+    assert (args.overlap_threshold, args.mask_threshold, args.label_ids_to_fuse, args.tasks) == \
+        (0.6, 0.3, (3, 4), ("panoptic",))
+    assert parse_args(["--model", "m", "--data", "d", "--overlap-mask-area-threshold", "0.7"]).overlap_threshold == 0.7
+    assert parse_args(["--model", "m", "--data", "d"]).overlap_threshold == 0.8
+    with pytest.raises(SystemExit):
+        parse_args(["--model", "m", "--data", "d", "--threshold", "2"])
+    assert "--threshold: 2 is outside [0, 1]" in capsys.readouterr().err
 
 
 def test_predictions_at_the_wrong_size_are_rejected_with_the_fix(train_eval_shapes):
     ground_truth = load_ground_truth(str(train_eval_shapes), "val")
-    small = encode_mask(np.ones((32, 32), dtype=bool))
-    key = ground_truth.images[0]["file_name"]
+    uri = f"s3://b/{ground_truth.images[0]['file_name']}"
+    small = _segment(uri, "panoptic", "sky", 1.0, np.ones((32, 32), dtype=bool))
     with pytest.raises(ValueError, match="original image size"):
-        score_predictions(ground_truth, {key: [PredictedSegment("panoptic", "sky", 1.0, small)]})
+        score_predictions(ground_truth, _predictions({uri: [small]}))
 
 
 def test_missing_images_and_unknown_labels_are_counted_not_fatal(train_eval_shapes):
     ground_truth = load_ground_truth(str(train_eval_shapes), "val")
-    predictions = _perfect_predictions(train_eval_shapes)
-    dropped = sorted(predictions)[0]
-    del predictions[dropped]
-    other = sorted(predictions)[0]
-    predictions[other].append(PredictedSegment("panoptic", "hexagon", 0.9, predictions[other][0].rle))
-    report = score_predictions(ground_truth, predictions)
+    by_uri = _perfect_segments(train_eval_shapes, "s3://b")
+    uris = sorted(by_uri)
+    del by_uri[uris[0]]
+    unknown = by_uri[uris[1]][0]
+    by_uri[uris[1]].append(SegmentRecord(**{**unknown.__dict__, "label": "hexagon"}))
+    report = score_predictions(ground_truth, _predictions(by_uri))
     assert report["images_without_predictions"] == 1
     assert report["unknown_labels"] == {"hexagon": 1}
     assert report["panoptic"]["all"]["pq"] < 100.0

@@ -26,7 +26,7 @@ def train_tiny_shapes(tmp_path_factory) -> Path:
 def train_ray():
     import ray
 
-    from pipeline.segment_job import start_local_ray
+    from pipeline.local_ray import start_local_ray
 
     if ray.is_initialized():  # the pipeline tests' session-wide Ray; start a fresh one for these tests
         ray.shutdown()
