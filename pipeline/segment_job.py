@@ -28,8 +28,8 @@ from pipeline.inference import COMPILE_PROGRESS_KEY, CONCURRENT_CALLS, Inference
 from pipeline.listing import IMAGE_EXTENSIONS, list_inputs
 from pipeline.local_ray import REPO_ROOT, connect_ray
 from pipeline.overlays import OVERLAYS_DIR, write_overlays
-from pipeline.pools import PoolPlan, plan_pools
 from pipeline.model_spec import ModelSpec, resolve_model
+from pipeline.pools import PoolPlan, plan_pools
 from pipeline.postprocess import PostprocessStage
 from pipeline.preprocess import PreprocessStage
 from pipeline.progress import PipelineStalledError, ProgressTracker, StallWatchdog
