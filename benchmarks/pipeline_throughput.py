@@ -275,7 +275,12 @@ def stage_costs(model_dir: Path, image_paths: list[Path], *, batch_size: int, de
     per_image_ms["model_stage_host"] = round(1000 * model_host / count, 2)
     host_ms = per_image_ms["decode_resize"] + per_image_ms["model_stage_host"] + per_image_ms["write"]
     object_store = sizes["preprocessed"] + sizes["segmented"] + sizes["images_rows"]
+    model_stage_ms = per_image_ms["forward"] + per_image_ms["device_postprocess"] + per_image_ms["model_stage_host"]
     return {"images": count, "device": device, "dtype": dtype, "segments_per_image": round(segments / count, 1),
+            # CPU-time proxy of the marginal rate ratio where the model stage is the bottleneck (robust to a
+            # shared machine's load, unlike wall-clock rates): forward alone / the model stage's whole work.
+            "forward_share_of_model_stage": round(per_image_ms["forward"] / model_stage_ms, 4) if model_stage_ms
+            else None,
             "cpu_ms_per_image": per_image_ms, "host_cpu_ms_per_image": round(host_ms, 2),
             "bytes_per_image": {name: int(value / count) for name, value in sizes.items()},
             "object_store_bytes_per_image": int(object_store / count),
@@ -402,6 +407,9 @@ def main(argv: list[str] | None = None) -> int:
           f"segments/image): CPU ms per image {costs['cpu_ms_per_image']}")
     print(f"host CPU per image, every stage, forward and device post-processing excepted: "
           f"{costs['host_cpu_ms_per_image']:.2f} ms (bar <= 15 ms at 480x640)")
+    if device == "cpu":
+        print(f"forward share of the model stage's CPU work: {costs['forward_share_of_model_stage']:.3f} (the marginal "
+              "rate ratio it allows when the model stage is the bottleneck; bar >= 0.8)")
     print(f"object store bytes per image: {costs['object_store_bytes_per_image'] / 1e6:.3f} MB "
           f"(bar <= 3 MB at 800x1088); by stage output: {costs['bytes_per_image']}", flush=True)
 
