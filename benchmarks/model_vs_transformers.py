@@ -19,17 +19,32 @@ with glibc's mmap threshold pinned at 128 KiB (MALLOC_MMAP_THRESHOLD_), so that 
 tensor goes back to the OS and each call's peak is its own. Timing runs in this process with the
 default allocator (a pinned threshold makes every large allocation page-fault afresh).
 
+With --device (cuda on the GPU machine, or cpu) the script runs the forward report instead: Swin-T and
+Swin-L Mask2Former (COCO heads: 100 / 200 queries, 133 labels) at 800x1088, batches 1/8/16, in --dtype,
+both models eager and ours also under torch.compile with --compile; for each: images/s of both and the
+ratio, max |diff| of the logits of ours and of transformers in that dtype against ours in float32 and
+of ours against transformers, peak device memory above the weights, host synchronisations inside our
+forward (CUDA's sync debug mode), and a profile of the top kernels of both. Every result is appended
+to <output-dir>/forward.jsonl (and report.txt) as it comes. This path needs only torch, transformers,
+scipy and m2f_model (no Ray, no pycocotools):
+
+  python benchmarks/model_vs_transformers.py --device cuda --dtype bfloat16 --compile --output-dir out/bench-gpu
+  python benchmarks/model_vs_transformers.py --device cpu --dtype bfloat16 --compile --quick   # check it here
+
 Usage: python benchmarks/model_vs_transformers.py [--quick] [--skip-forward] [--repeats N]
+       python benchmarks/model_vs_transformers.py --device cuda [--dtype D] [--compile] [--output-dir DIR] ...
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import os
 import statistics
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -196,11 +211,22 @@ def realistic_outputs(*, seed: int, batch: int = 1, queries: int = 100, labels: 
     return SimpleNamespace(class_queries_logits=class_logits, masks_queries_logits=mask_logits)
 
 
-def swin_tiny_config(transformers_module: Any) -> Any:
-    backbone = transformers_module.SwinConfig(
-        embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], window_size=7,
-        out_features=["stage1", "stage2", "stage3", "stage4"])
-    return transformers_module.Mask2FormerConfig(backbone_config=backbone, num_labels=COCO_PANOPTIC_LABELS)
+# The COCO panoptic Mask2Former checkpoints' shapes (facebook/mask2former-swin-{tiny,large}-coco-panoptic).
+MODEL_SHAPES: dict[str, dict[str, Any]] = {
+    "swin-t": {"backbone": {"embed_dim": 96, "depths": [2, 2, 6, 2], "num_heads": [3, 6, 12, 24], "window_size": 7},
+               "num_queries": 100},
+    "swin-l": {"backbone": {"embed_dim": 192, "depths": [2, 2, 18, 2], "num_heads": [6, 12, 24, 48],
+                            "window_size": 12},
+               "num_queries": 200},
+}
+
+
+def mask2former_config(transformers_module: Any, name: str = "swin-t") -> Any:
+    shape = MODEL_SHAPES[name]
+    backbone = transformers_module.SwinConfig(**shape["backbone"],
+                                              out_features=["stage1", "stage2", "stage3", "stage4"])
+    return transformers_module.Mask2FormerConfig(backbone_config=backbone, num_labels=COCO_PANOPTIC_LABELS,
+                                                 num_queries=shape["num_queries"])
 
 
 # ------------------------------------------------------------------------------------- measures
@@ -209,7 +235,7 @@ def bench_forward(bench: Bench, transformers_module: Any, sizes: list[tuple[int,
     from m2f_model import Mask2FormerForUniversalSegmentation
 
     torch.manual_seed(0)
-    reference_model = transformers_module.Mask2FormerForUniversalSegmentation(swin_tiny_config(transformers_module))
+    reference_model = transformers_module.Mask2FormerForUniversalSegmentation(mask2former_config(transformers_module))
     reference_model.eval()
     with tempfile.TemporaryDirectory() as directory:
         reference_model.save_pretrained(directory)
@@ -280,6 +306,202 @@ def bench_post_processing(bench: Bench, transformers_module: Any, repeats: int) 
                       f"outputs equal {difference == 0.0} (segments {segments})", repeats=repeats)
 
 
+# ------------------------------------------------------------------------------------- forward on a device
+class DeviceReport:
+    """Prints each result and appends it to <output_dir>/forward.jsonl and report.txt at once, so a run cut
+    short keeps what it measured; longer texts (profiles) go to files of their own."""
+
+    def __init__(self, output_dir: str) -> None:
+        self.output_dir = output_dir
+        os.makedirs(output_dir, exist_ok=True)
+
+    def line(self, text: str, record: dict[str, Any] | None = None) -> None:
+        print(text, flush=True)
+        with open(os.path.join(self.output_dir, "report.txt"), "a") as report:
+            report.write(text + "\n")
+        if record is not None:
+            with open(os.path.join(self.output_dir, "forward.jsonl"), "a") as records:
+                records.write(json.dumps(record) + "\n")
+
+    def text_file(self, name: str, text: str) -> None:
+        with open(os.path.join(self.output_dir, name), "w") as file:
+            file.write(text)
+        print(f"wrote {os.path.join(self.output_dir, name)}", flush=True)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_device_memory_mib(function: Callable[[], Any], device: torch.device) -> float:
+    """Peak of allocated device memory during one call, above what was allocated before it (NaN off CUDA)."""
+    if device.type != "cuda":
+        return float("nan")
+    gc.collect()
+    synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    result = function()
+    synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    del result
+    return (peak - before) / 2 ** 20
+
+
+def host_synchronisations(function: Callable[[], Any], device: torch.device) -> list[str] | None:
+    """Messages of CUDA's sync debug mode during one call: each is the host waiting for the device (None off CUDA)."""
+    if device.type != "cuda":
+        return None
+    synchronize(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            function()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return [str(warning.message).splitlines()[0] for warning in caught if "synchroniz" in str(warning.message)]
+
+
+def kernel_profile(function: Callable[[], Any], device: torch.device, rows: int = 30) -> str:
+    """torch.profiler table of one call, the ops with the most self time on the device (CPU off CUDA) first."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profiler:
+        function()
+        synchronize(device)
+    sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return profiler.key_averages().table(sort_by=sort_by, row_limit=rows)
+
+
+def logits_difference(expected: Any, actual: Any) -> float:
+    return max(max_abs_difference(expected.class_queries_logits.float(), actual.class_queries_logits.float()),
+               max_abs_difference(expected.masks_queries_logits.float(), actual.masks_queries_logits.float()))
+
+
+def bench_forward_on_device(report: DeviceReport, transformers_module: Any, *, device: torch.device,
+                            dtype: torch.dtype, models: list[str], sizes: list[tuple[int, int]], batches: list[int],
+                            repeats: int, warmup: int, compile_batches: list[int], compile_mode: str,
+                            profile_batch: int | None) -> None:
+    """Ours vs transformers (eager) on the same weights and inputs, in `dtype` on `device`; see the module doc."""
+    from m2f_model import Mask2FormerForUniversalSegmentation
+
+    dtype_name = str(dtype).removeprefix("torch.")
+    for model_name in models:
+        torch.manual_seed(0)
+        reference_model = transformers_module.Mask2FormerForUniversalSegmentation(
+            mask2former_config(transformers_module, model_name)).eval()
+        with tempfile.TemporaryDirectory() as directory:
+            reference_model.save_pretrained(directory)
+            float32_model = Mask2FormerForUniversalSegmentation.from_pretrained(directory).eval().to(device)
+        reference_model.to(device=device, dtype=dtype)
+        our_model = float32_model if dtype == torch.float32 else copy.deepcopy(float32_model).to(dtype)
+        compiled_model = None
+        for height, width in sizes:
+            for batch in batches:
+                name = f"{model_name} {height}x{width} batch {batch} {dtype_name}"
+                pixel_values = torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(1))
+                pixel_values = pixel_values.to(device)
+                typed_values = pixel_values.to(dtype)
+                with torch.inference_mode():
+                    float32_output = float32_model(pixel_values=pixel_values)
+                    ours = lambda: our_model(pixel_values=typed_values)  # noqa: E731
+                    theirs = lambda: reference_model(pixel_values=typed_values)  # noqa: E731
+                    our_output, their_output = ours(), theirs()
+                    differences = {"ours_vs_ours_float32": logits_difference(float32_output, our_output),
+                                   "transformers_vs_ours_float32": logits_difference(float32_output, their_output),
+                                   "ours_vs_transformers": logits_difference(their_output, our_output)}
+                    del their_output
+                    their_timing, our_timing = measure_pair(lambda: (theirs(), synchronize(device)),
+                                                            lambda: (ours(), synchronize(device)), repeats, warmup)
+                    their_peak, our_peak = peak_device_memory_mib(theirs, device), peak_device_memory_mib(ours, device)
+                    synchronisations = host_synchronisations(ours, device)
+                    record = {"model": model_name, "height": height, "width": width, "batch": batch,
+                              "dtype": dtype_name, "device": str(device), "compiled": False,
+                              "images_per_s_ours": batch / our_timing.wall_s,
+                              "images_per_s_transformers": batch / their_timing.wall_s,
+                              "ratio": their_timing.wall_s / our_timing.wall_s,
+                              "peak_mib_ours": our_peak, "peak_mib_transformers": their_peak,
+                              "host_synchronisations_ours": synchronisations, **differences}
+                    report.line(f"{name:<36} eager     ours {record['images_per_s_ours']:8.2f} img/s | transformers "
+                                f"{record['images_per_s_transformers']:8.2f} img/s | ratio {record['ratio']:5.2f}x | "
+                                f"max|diff| ours-vs-fp32 {differences['ours_vs_ours_float32']:.2e} transformers-vs-"
+                                f"fp32 {differences['transformers_vs_ours_float32']:.2e} ours-vs-transformers "
+                                f"{differences['ours_vs_transformers']:.2e} | peak MiB ours {our_peak:.0f} "
+                                f"transformers {their_peak:.0f} | host syncs "
+                                f"{'n/a' if synchronisations is None else len(synchronisations)}", record)
+                    if profile_batch == batch:
+                        for side, function in (("ours", ours), ("transformers", theirs)):
+                            report.text_file(f"profile-{model_name}-{height}x{width}-b{batch}-{dtype_name}-{side}.txt",
+                                             kernel_profile(function, device))
+                    if batch in compile_batches:
+                        if compiled_model is None:
+                            torch._dynamo.reset()
+                            compiled_model = torch.compile(our_model, mode=compile_mode, dynamic=False)
+                        compiled = lambda: compiled_model(pixel_values=typed_values)  # noqa: E731
+                        start = time.perf_counter()
+                        compiled_output = compiled()
+                        synchronize(device)
+                        compile_s = time.perf_counter() - start
+                        compiled_difference = logits_difference(our_output, compiled_output)
+                        compiled_float32_difference = logits_difference(float32_output, compiled_output)
+                        del compiled_output
+                        their_timing, compiled_timing = measure_pair(
+                            lambda: (theirs(), synchronize(device)), lambda: (compiled(), synchronize(device)),
+                            repeats, warmup)
+                        compiled_peak = peak_device_memory_mib(compiled, device)
+                        record = {**record, "compiled": True, "compile_mode": compile_mode, "compile_s": compile_s,
+                                  "images_per_s_ours": batch / compiled_timing.wall_s,
+                                  "images_per_s_transformers": batch / their_timing.wall_s,
+                                  "ratio": their_timing.wall_s / compiled_timing.wall_s,
+                                  "peak_mib_ours": compiled_peak, "compiled_vs_ours_eager": compiled_difference,
+                                  "compiled_vs_ours_float32": compiled_float32_difference,
+                                  "host_synchronisations_ours": None}
+                        report.line(f"{name:<36} compiled  ours {record['images_per_s_ours']:8.2f} img/s | "
+                                    f"transformers (eager) {record['images_per_s_transformers']:8.2f} img/s | ratio "
+                                    f"{record['ratio']:5.2f}x | compile {compile_s:.1f} s | max|diff| vs ours eager "
+                                    f"{compiled_difference:.2e} vs ours fp32 {compiled_float32_difference:.2e} | "
+                                    f"peak MiB {compiled_peak:.0f}", record)
+                    del our_output, float32_output
+        del reference_model, float32_model, our_model, compiled_model
+        torch._dynamo.reset()
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def parse_sizes(text: str) -> list[tuple[int, int]]:
+    return [tuple(int(side) for side in size.split("x")) for size in text.split(",")]
+
+
+def run_device_report(arguments: argparse.Namespace, transformers_module: Any) -> None:
+    device = torch.device(arguments.device)
+    dtype = getattr(torch, arguments.dtype)
+    quick = arguments.quick
+    models = arguments.models.split(",") if arguments.models else (["swin-t"] if quick else ["swin-t", "swin-l"])
+    sizes = parse_sizes(arguments.sizes or ("96x128" if quick else "800x1088"))
+    batches = [int(b) for b in (arguments.batches or ("1,2" if quick else "1,8,16")).split(",")]
+    compile_batches = [int(b) for b in arguments.compile_batches.split(",")] if arguments.compile_batches else \
+        [max(batches)]
+    profile_batch = arguments.profile_batch if arguments.profile_batch is not None else \
+        sorted(batches)[len(batches) // 2]
+    repeats = arguments.repeats or (2 if quick else 10)
+    warmup = arguments.warmup if arguments.warmup is not None else (1 if quick else 3)
+    report = DeviceReport(arguments.output_dir or os.path.join(
+        "out", f"bench-model-{device.type}-{arguments.dtype}-{time.strftime('%Y%m%d-%H%M%S')}"))
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
+    report.line(f"torch {torch.__version__}, transformers {transformers_module.__version__}, {gpu}, {arguments.dtype}, "
+                f"median of {repeats} after {warmup} warm-up calls; TF32 matmul "
+                f"{torch.backends.cuda.matmul.allow_tf32}, cuDNN TF32 {torch.backends.cudnn.allow_tf32}; "
+                f"ratio = transformers time / ours; results in {report.output_dir}")
+    bench_forward_on_device(report, transformers_module, device=device, dtype=dtype, models=models, sizes=sizes,
+                            batches=batches, repeats=repeats, warmup=warmup,
+                            compile_batches=compile_batches if arguments.compile else [],
+                            compile_mode=arguments.compile_mode, profile_batch=profile_batch)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="384x384 batch 1 forward only, fewer repeats")
@@ -287,13 +509,30 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per measure (median reported)")
     parser.add_argument("--skip-memory", action="store_true", help="no peak-memory child run")
     parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
+    device_options = parser.add_argument_group("forward report on a device (selected by --device)")
+    device_options.add_argument("--device", default=None, help="cuda / cuda:N / cpu: run the forward report")
+    device_options.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    device_options.add_argument("--compile", action="store_true", help="also ours under torch.compile")
+    device_options.add_argument("--compile-mode", default="default",
+                                choices=["default", "reduce-overhead", "max-autotune"])
+    device_options.add_argument("--compile-batches", default=None, help="batches timed compiled (default: largest)")
+    device_options.add_argument("--models", default=None, help="swin-t,swin-l (default both; swin-t with --quick)")
+    device_options.add_argument("--sizes", default=None, help="HxW,... (default 800x1088; 96x128 with --quick)")
+    device_options.add_argument("--batches", default=None, help="default 1,8,16 (1,2 with --quick)")
+    device_options.add_argument("--warmup", type=int, default=None, help="untimed calls before timing (3; 1 quick)")
+    device_options.add_argument("--profile-batch", type=int, default=None,
+                                help="batch whose kernels are profiled (default: the middle one; 0: none)")
+    device_options.add_argument("--output-dir", default=None, help="default out/bench-model-<device>-<dtype>-<time>")
     arguments = parser.parse_args()
-    torch.set_num_threads(NUM_THREADS)
-    repeats = arguments.repeats or (3 if arguments.quick else 7)
 
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
+    if arguments.device is not None:
+        run_device_report(arguments, transformers)
+        return
+    torch.set_num_threads(NUM_THREADS)
+    repeats = arguments.repeats or (3 if arguments.quick else 7)
     peaks: dict[str, list[float]] = {}
     if not arguments.memory_child:
         if not arguments.skip_memory:

@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from pipeline.checkpoint import ModelLoadError  # noqa: E402
 from pipeline.cli import add_postprocess_arguments, add_storage_argument  # noqa: E402
 from pipeline.local_ray import drop_ray_false_alarms_from_stderr  # noqa: E402
+from pipeline.pools import PoolPlacementError  # noqa: E402
 from pipeline.progress import PipelineStalledError  # noqa: E402
 from pipeline.segment_job import OutputNotEmptyError, SegmentationOptions, run_segmentation  # noqa: E402
 
@@ -39,9 +40,9 @@ def parse_args(argv: list[str] | None = None) -> SegmentationOptions:
     parser.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size,
                         help="images per forward pass (default: 16 on a GPU, 4 on CPU)")
     parser.add_argument("--preprocess-actors", type=int, default=None, help="decode/preprocess actors "
-                                                                            "(default: from cluster resources)")
-    parser.add_argument("--model-actors", type=int, default=None, help="model actors (default: one per GPU, "
-                                                                       "else one per 8 CPUs)")
+                                                                            "(default: enough for the model's rate)")
+    parser.add_argument("--model-actors", type=int, default=None, help="model actors (default: one per GPU, else "
+                                                                       "up to 8 CPUs each on every node with room)")
     parser.add_argument("--postprocess-actors", type=int, default=None, help="post-process/write actors")
     parser.add_argument("--dtype", default=DEFAULTS.dtype, choices=["float32", "bfloat16", "float16"],
                         help="model weights and activations dtype (default: bfloat16 on a GPU, float32 on CPU)")
@@ -102,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         options = parse_args(argv)
         report = run_segmentation(options)
-    except (ModelLoadError, PipelineStalledError, OutputNotEmptyError, FileNotFoundError, ValueError) as error:
+    except (ModelLoadError, PipelineStalledError, PoolPlacementError, OutputNotEmptyError, FileNotFoundError,
+            ValueError) as error:
         print(f"segment_bucket: error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -19,12 +19,12 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .configuration import CONFIG_NAME, Mask2FormerConfig
-from .swin import relative_position_index
+from .configuration import CONFIG_NAME, Mask2FormerConfig, dtype_from_name, local_pretrained_path
+from .swin import SwinBackbone, relative_position_index
 
 if TYPE_CHECKING:
     from torch import nn
@@ -39,6 +39,8 @@ __all__ = [
     "to_our_key",
     "to_transformers_key",
     "load_checkpoint_state_dict",
+    "load_state_dict_into",
+    "resolve_dtype",
     "from_pretrained",
     "save_pretrained",
 ]
@@ -164,10 +166,12 @@ def _format_keys(keys: list[str], limit: int = 20) -> str:
 
 
 def load_state_dict_into(model: "nn.Module", state_dict: dict[str, torch.Tensor], *, source: Path,
-                         strict: bool = True) -> dict[str, list[str]]:
+                         strict: bool = True, ignore_mismatched_sizes: bool = False) -> dict[str, list[str]]:
     """Maps checkpoint names through the table and copies the tensors into `model`.
 
-    Returns {"missing": ..., "unexpected": ..., "mismatched": ...}; with strict=True any entry raises.
+    Returns {"missing": ..., "unexpected": ..., "mismatched": ...}; with strict=True any entry raises, except
+    mismatched shapes with ignore_mismatched_sizes=True (those weights keep their initialisation, as in
+    transformers).
     """
     own = model.state_dict()
     mapped: dict[str, torch.Tensor] = {}
@@ -187,11 +191,12 @@ def load_state_dict_into(model: "nn.Module", state_dict: dict[str, torch.Tensor]
                         for k in set(own) & set(mapped) if mapped[k].shape != own[k].shape)
     report = {"missing": missing, "unexpected": unexpected, "mismatched": mismatched}
     problems = [f"{len(v)} {name} weights: {_format_keys(v)}" for name, v in report.items() if v]
+    blocking = [name for name, v in report.items() if v and not (name == "mismatched" and ignore_mismatched_sizes)]
     if problems:
         message = f"{source} does not fit {type(model).__name__}: " + "; ".join(problems)
-        if strict:
+        if strict and blocking:
             raise CheckpointError(message + ". Check that config.json matches the weights, or pass strict=False "
-                                            "to load what fits.")
+                                            "to load what fits (ignore_mismatched_sizes=True for new heads).")
         logger.warning(message)
     loadable = {k: v for k, v in mapped.items()
                 if k in own and v.shape == own[k].shape}
@@ -199,11 +204,53 @@ def load_state_dict_into(model: "nn.Module", state_dict: dict[str, torch.Tensor]
     return report
 
 
-def from_pretrained(model_class, pretrained_path: str | os.PathLike, *, strict: bool = True,
-                    torch_dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-                    config: Mask2FormerConfig | None = None):
-    """Builds `model_class` from a transformers-layout checkpoint directory, in eval mode."""
-    directory = Path(pretrained_path)
+def _first_floating_dtype(state_dict: dict[str, torch.Tensor]) -> torch.dtype:
+    return next((tensor.dtype for tensor in state_dict.values() if tensor.is_floating_point()),
+                torch.get_default_dtype())
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, config: Mask2FormerConfig,
+                  state_dict: dict[str, torch.Tensor]) -> torch.dtype:
+    """transformers' rules: "auto" (or None) takes config.dtype, else the checkpoint's first floating dtype; a
+    name such as "float16" or a torch dtype is used as given."""
+    if dtype is None or dtype == "auto":
+        return dtype_from_name(config.dtype) if config.dtype is not None else _first_floating_dtype(state_dict)
+    resolved = dtype_from_name(dtype)
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise ValueError(f"dtype={dtype!r}: give 'auto', a floating torch dtype (torch.float16) or its name "
+                         f"('bfloat16').")
+    return resolved
+
+
+def _device_of(device_map: str | int | torch.device | dict | None) -> torch.device | None:
+    """The one device a transformers `device_map` puts the whole model on; "auto" is the first accelerator."""
+    if device_map is None:
+        return None
+    if isinstance(device_map, dict):
+        raise ValueError("device_map as a dict (model split over devices) is not supported; give one device, e.g. "
+                         "device_map='cuda:0', or 'auto'.")
+    if device_map == "auto":
+        accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
+        if accelerator is not None and accelerator.is_available():
+            return accelerator.current_accelerator()
+        return torch.device("cpu")
+    return torch.device(device_map)
+
+
+def from_pretrained(model_class, pretrained_model_name_or_path: str | os.PathLike, *,
+                    config: Mask2FormerConfig | str | os.PathLike | None = None,
+                    dtype: str | torch.dtype | None = None, torch_dtype: str | torch.dtype | None = None,
+                    device_map: str | int | torch.device | None = None, device: torch.device | str | None = None,
+                    strict: bool = True, ignore_mismatched_sizes: bool = False, output_loading_info: bool = False,
+                    **kwargs: Any):
+    """Builds `model_class` from a transformers-layout checkpoint directory, in eval mode.
+
+    Keywords as in transformers: `dtype` ("auto" by default, like transformers 5; `torch_dtype` is its older name),
+    `device_map` (one device, or "auto"), `config` (an object or a directory), `ignore_mismatched_sizes`,
+    `output_loading_info`; other keywords override configuration attributes. `strict=False` also tolerates
+    missing or unexpected weights (logged).
+    """
+    directory = local_pretrained_path(pretrained_model_name_or_path, kwargs)
     if not directory.exists():
         raise FileNotFoundError(f"Checkpoint directory {directory} does not exist.")
     if not directory.is_dir():
@@ -213,13 +260,27 @@ def from_pretrained(model_class, pretrained_path: str | os.PathLike, *, strict: 
         if not (directory / CONFIG_NAME).is_file():
             raise FileNotFoundError(f"{directory} has no {CONFIG_NAME}; it is not a Mask2Former checkpoint "
                                     f"directory.")
-        config = Mask2FormerConfig.from_pretrained(directory)
+        config, unused = Mask2FormerConfig.from_pretrained(directory, return_unused_kwargs=True, **kwargs)
+    elif isinstance(config, (str, os.PathLike)):
+        config, unused = Mask2FormerConfig.from_pretrained(config, return_unused_kwargs=True, **kwargs)
+    else:
+        config, unused = Mask2FormerConfig.from_dict(config.to_dict(), return_unused_kwargs=True, **kwargs)
+    if unused:
+        raise TypeError(f"{model_class.__name__}.from_pretrained got unexpected keyword arguments {sorted(unused)} "
+                        f"(neither loading options nor configuration attributes).")
+    config.name_or_path = str(pretrained_model_name_or_path)
     state_dict, source = load_checkpoint_state_dict(directory)
+    model_dtype = resolve_dtype(dtype if dtype is not None else torch_dtype, config, state_dict)
+    config.dtype = config.backbone_config.dtype = model_dtype  # as transformers records it
     model = model_class(config)
-    load_state_dict_into(model, state_dict, source=source, strict=strict)
-    if torch_dtype is not None or device is not None:
-        model.to(device=device, dtype=torch_dtype)
-    return model.eval()
+    report = load_state_dict_into(model, state_dict, source=source, strict=strict,
+                                  ignore_mismatched_sizes=ignore_mismatched_sizes)
+    model.to(device=device if device is not None else _device_of(device_map), dtype=model_dtype)
+    model.eval()
+    if output_loading_info:
+        return model, {"missing_keys": report["missing"], "unexpected_keys": report["unexpected"],
+                       "mismatched_keys": report["mismatched"], "error_msgs": []}
+    return model
 
 
 def _unused_transformers_tensors(model: "nn.Module", tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -227,24 +288,34 @@ def _unused_transformers_tensors(model: "nn.Module", tensors: dict[str, torch.Te
     missing when absent; we write it as an identity norm so transformers loads our files without complaint."""
     prefix = "model.pixel_level_module.encoder." if "class_predictor.weight" in tensors else \
         "pixel_level_module.encoder."
-    backbone_config = model.config.backbone_config
+    width = next(module for module in model.modules() if isinstance(module, SwinBackbone)).num_features[-1]
     dtype = next(iter(tensors.values())).dtype
-    return {prefix + "swin.layernorm.weight": torch.ones(backbone_config.hidden_size, dtype=dtype),
-            prefix + "swin.layernorm.bias": torch.zeros(backbone_config.hidden_size, dtype=dtype)}
+    return {prefix + "swin.layernorm.weight": torch.ones(width, dtype=dtype),
+            prefix + "swin.layernorm.bias": torch.zeros(width, dtype=dtype)}
 
 
-def save_pretrained(model: "nn.Module", save_directory: str | os.PathLike) -> Path:
-    """Writes config.json and model.safetensors in the layout transformers' from_pretrained reads."""
+def save_pretrained(model: "nn.Module", save_directory: str | os.PathLike, *, is_main_process: bool = True,
+                    state_dict: dict[str, torch.Tensor] | None = None, push_to_hub: bool = False) -> None:
+    """Writes config.json and model.safetensors in the layout transformers' from_pretrained reads.
+
+    As in transformers: config.json records the model's dtype and class; `state_dict` replaces the model's own
+    tensors; only the main process writes (`is_main_process`).
+    """
     from safetensors.torch import save_file
 
+    if push_to_hub:
+        raise ValueError("push_to_hub is not supported: m2f_model saves to local directories only.")
     directory = Path(save_directory)
     if directory.exists() and not directory.is_dir():
         raise NotADirectoryError(f"Cannot save a checkpoint into {directory}: it is a file.")
+    if not is_main_process:
+        return
     directory.mkdir(parents=True, exist_ok=True)
     config: Mask2FormerConfig = model.config
-    config.architectures = [type(model).__name__]  # as transformers records it
+    config.dtype = config.backbone_config.dtype = model.dtype
+    config.architectures = [type(model).__name__]
     config.save_pretrained(directory)
-    tensors = {to_transformers_key(k): v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state_dict = model.state_dict() if state_dict is None else state_dict
+    tensors = {to_transformers_key(k): v.detach().contiguous().cpu() for k, v in state_dict.items()}
     tensors.update(_unused_transformers_tensors(model, tensors))
     save_file(tensors, str(directory / SAFETENSORS_NAME), metadata={"format": "pt"})
-    return directory

@@ -19,16 +19,50 @@ logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"
 
-# Attributes every transformers config carries; we keep them so outputs and JSON stay compatible.
+# Attributes every transformers config carries (PreTrainedConfig's fields); we keep them so outputs and JSON stay
+# compatible. config.json leaves out those still at these defaults, as transformers' `use_diff` writing does.
 _COMMON_DEFAULTS: dict[str, Any] = {
     "output_hidden_states": False,
     "output_attentions": False,
     "return_dict": True,
     "architectures": None,
+    "dtype": None,
+    "chunk_size_feed_forward": 0,
+    "is_encoder_decoder": False,
+    "problem_type": None,
 }
 
-# Keys transformers derives from the others; recomputed on load rather than trusted.
-_SWIN_DERIVED_KEYS = ("num_layers", "hidden_size", "stage_names")
+# Keyword arguments of transformers' from_pretrained that only matter for downloads from the Hub; a local
+# directory ignores them there too.
+HUB_ONLY_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "proxies",
+                   "trust_remote_code", "_from_auto", "_from_pipeline")
+
+
+def local_pretrained_path(pretrained_model_name_or_path: str | os.PathLike, kwargs: dict[str, Any]) -> Path:
+    """The local path a `from_pretrained` call names: drops Hub-only keywords from `kwargs`, applies `subfolder`."""
+    for name in HUB_ONLY_KWARGS:
+        kwargs.pop(name, None)
+    return Path(pretrained_model_name_or_path) / kwargs.pop("subfolder", "")
+
+
+def dtype_from_name(dtype: Any) -> Any:
+    """A torch dtype for a name such as "float16" (what config.json stores); other values unchanged."""
+    if isinstance(dtype, str) and dtype != "auto":
+        import torch
+
+        resolved = getattr(torch, dtype, None)
+        if not isinstance(resolved, torch.dtype):
+            raise ValueError(f"dtype={dtype!r} is not a torch dtype; use e.g. 'float32', 'float16', 'bfloat16' or "
+                             f"'auto'.")
+        return resolved
+    return dtype
+
+
+def _json_value(value: Any) -> Any:
+    """torch dtypes become their names ("float16"), as transformers writes them."""
+    if type(value).__module__ == "torch" and type(value).__name__ == "dtype":
+        return str(value).split(".")[-1]
+    return value
 
 
 def _labels_from_json(mapping: dict | None, *, key_is_id: bool) -> dict | None:
@@ -53,6 +87,12 @@ class _JsonConfig:
             if alias in kwargs:
                 kwargs.setdefault(target, kwargs.pop(alias))
         kwargs.pop("model_type", None)
+        # transformers' older spelling; `dtype` wins when both are given
+        torch_dtype = kwargs.pop("torch_dtype", None)
+        if kwargs.get("dtype") is None:
+            kwargs["dtype"] = torch_dtype
+        kwargs["dtype"] = dtype_from_name(kwargs["dtype"])
+        self._name_or_path = str(kwargs.pop("name_or_path", kwargs.pop("_name_or_path", "")))
 
         num_labels = kwargs.pop("num_labels", None)
         id2label = _labels_from_json(kwargs.pop("id2label", None), key_is_id=True)
@@ -101,9 +141,28 @@ class _JsonConfig:
     def use_return_dict(self) -> bool:
         return bool(self.return_dict)
 
+    @property
+    def torch_dtype(self) -> Any:
+        """transformers' older name of `dtype`."""
+        return self.dtype
+
+    @torch_dtype.setter
+    def torch_dtype(self, value: Any) -> None:
+        self.dtype = value
+
+    @property
+    def name_or_path(self) -> str:
+        """The directory `from_pretrained` read this configuration from ("" otherwise)."""
+        return self._name_or_path
+
+    @name_or_path.setter
+    def name_or_path(self, value: str | os.PathLike) -> None:
+        self._name_or_path = str(value)
+
     def _field_dict(self) -> dict[str, Any]:
         fields = {name: copy.deepcopy(getattr(self, name)) for name in {**_COMMON_DEFAULTS, **self._defaults}}
         fields.update({name: copy.deepcopy(getattr(self, name)) for name in self._extra_keys})
+        fields["dtype"] = _json_value(fields["dtype"])
         return fields
 
     def to_dict(self) -> dict[str, Any]:
@@ -112,35 +171,82 @@ class _JsonConfig:
         out["id2label"] = dict(self.id2label)
         out["label2id"] = dict(self.label2id)
         out["model_type"] = self.model_type
+        out["_name_or_path"] = self._name_or_path
         return dict(sorted(out.items()))
 
-    def to_json_string(self) -> str:
-        as_dict = self.to_dict()
+    def to_diff_dict(self) -> dict[str, Any]:
+        """`to_dict` without the common fields still at their defaults, nor `_name_or_path` (what config.json holds)."""
+        return {key: value for key, value in self.to_dict().items()
+                if key != "_name_or_path" and not (key in _COMMON_DEFAULTS and value == _COMMON_DEFAULTS[key])}
+
+    def _json_dict(self, use_diff: bool) -> dict[str, Any]:
+        as_dict = self.to_diff_dict() if use_diff else self.to_dict()
         as_dict["id2label"] = {str(k): v for k, v in as_dict["id2label"].items()}
-        return json.dumps(as_dict, indent=2, sort_keys=True) + "\n"
+        return as_dict
+
+    def to_json_string(self, use_diff: bool = True) -> str:
+        """The JSON text of `to_diff_dict()` (or of `to_dict()` with use_diff=False), keys sorted."""
+        return json.dumps(self._json_dict(use_diff), indent=2, sort_keys=True) + "\n"
+
+    def to_json_file(self, json_file_path: str | os.PathLike, use_diff: bool = True) -> None:
+        Path(json_file_path).write_text(self.to_json_string(use_diff=use_diff), encoding="utf-8")
 
     @classmethod
-    def from_dict(cls, config_dict: dict[str, Any], **overrides: Any):
-        return cls(**{**copy.deepcopy(config_dict), **overrides})
+    def from_json_file(cls, json_file: str | os.PathLike):
+        path = Path(json_file)
+        try:
+            config_dict = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not valid JSON: {error}") from error
+        return cls(**config_dict)
 
-    def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
-        """Writes `config.json` into `save_directory` (created if needed); returns the file path."""
+    def update(self, config_dict: dict[str, Any]) -> None:
+        """Sets every key of `config_dict` as an attribute."""
+        for key, value in config_dict.items():
+            setattr(self, key, value)
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any):
+        """As transformers: `num_labels`, `dtype`, `output_attentions` and `name_or_path` in `kwargs` go into the
+        constructor; other keys override attributes the config has (a dict merges into a sub-config) and the rest
+        are unused, returned as a second value with return_unused_kwargs=True."""
+        return_unused_kwargs = kwargs.pop("return_unused_kwargs", False)
+        config_dict = copy.deepcopy(config_dict)
+        for key in ("num_labels", "output_attentions", "name_or_path", "torch_dtype", "dtype"):
+            if key in kwargs:
+                value = kwargs.pop(key)
+                if value != "auto":
+                    config_dict[key] = value
+        config = cls(**config_dict)
+        unused = {}
+        for key, value in kwargs.items():
+            if not hasattr(config, key):
+                unused[key] = value
+                continue
+            current = getattr(config, key)
+            if isinstance(current, _JsonConfig) and isinstance(value, dict):
+                value = type(current)(**{**current.to_dict(), **value})
+            setattr(config, key, value)
+        return (config, unused) if return_unused_kwargs else config
+
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False) -> None:
+        """Writes `config.json` into `save_directory` (created if needed)."""
+        if push_to_hub:
+            raise ValueError("push_to_hub is not supported: m2f_model saves to local directories only.")
         directory = Path(save_directory)
         if directory.exists() and not directory.is_dir():
             raise NotADirectoryError(f"Cannot save a config into {directory}: it is a file, not a directory.")
         directory.mkdir(parents=True, exist_ok=True)
-        path = directory / CONFIG_NAME
-        path.write_text(self.to_json_string(), encoding="utf-8")
-        return path
+        self.to_json_file(directory / CONFIG_NAME)
 
     @classmethod
-    def from_pretrained(cls, pretrained_path: str | os.PathLike, **overrides: Any):
-        """Reads `config.json` from a checkpoint directory (or the JSON file itself)."""
-        path = Path(pretrained_path)
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any):
+        """Reads `config.json` from a checkpoint directory (or the JSON file itself); `kwargs` as in `from_dict`."""
+        path = local_pretrained_path(pretrained_model_name_or_path, kwargs)
         if path.is_dir():
             path = path / CONFIG_NAME
         elif not path.exists():
-            raise FileNotFoundError(f"No checkpoint directory or config file at {pretrained_path}.")
+            raise FileNotFoundError(f"No checkpoint directory or config file at {path}.")
         if not path.is_file():
             raise FileNotFoundError(f"{path.parent} has no {CONFIG_NAME}; a transformers checkpoint directory holds "
                                     f"{CONFIG_NAME} next to model.safetensors.")
@@ -151,10 +257,12 @@ class _JsonConfig:
         model_type = config_dict.get("model_type")
         if model_type is not None and model_type != cls.model_type:
             raise ValueError(f"{path} describes a {model_type!r} model, not {cls.model_type!r}.")
-        return cls.from_dict(config_dict, **overrides)
+        kwargs.setdefault("name_or_path", str(pretrained_model_name_or_path))
+        return cls.from_dict(config_dict, **kwargs)
 
     def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and self.to_dict() == other.to_dict()
+        """Same configuration: the same config.json content (where it was loaded from does not count)."""
+        return type(other) is type(self) and self.to_diff_dict() == other.to_diff_dict()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__} {self.to_json_string()}"
@@ -191,24 +299,17 @@ class SwinConfig(_JsonConfig):
     def __init__(self, **kwargs: Any) -> None:
         out_features = kwargs.pop("out_features", None)
         out_indices = kwargs.pop("out_indices", None)
-        for derived in _SWIN_DERIVED_KEYS:
-            kwargs.pop(derived, None)
+        # Plain attributes derived from depths/embed_dim when built, as transformers sets them (given values win,
+        # later changes to depths do not update them); the backbone itself reads only depths and embed_dim.
+        given = {name: kwargs.pop(name) for name in ("num_layers", "num_hidden_layers", "hidden_size", "stage_names")
+                 if name in kwargs}
         super().__init__(**kwargs)
         if len(self.num_heads) != len(self.depths):
             raise ValueError(f"Swin num_heads {self.num_heads} and depths {self.depths} must have the same length.")
+        self.num_layers = given.get("num_layers", given.get("num_hidden_layers", len(self.depths)))
+        self.hidden_size = given.get("hidden_size", int(self.embed_dim * 2 ** (len(self.depths) - 1)))
+        self.stage_names = given.get("stage_names", ["stem"] + [f"stage{i}" for i in range(1, len(self.depths) + 1)])
         self._set_out_features(out_features, out_indices)
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.depths)
-
-    @property
-    def hidden_size(self) -> int:
-        return int(self.embed_dim * 2 ** (len(self.depths) - 1))
-
-    @property
-    def stage_names(self) -> list[str]:
-        return ["stem"] + [f"stage{i}" for i in range(1, len(self.depths) + 1)]
 
     def _set_out_features(self, out_features: list[str] | None, out_indices: list[int] | None) -> None:
         names = self.stage_names
@@ -225,13 +326,31 @@ class SwinConfig(_JsonConfig):
         elif [names[i % len(names)] for i in out_indices] != list(out_features):
             raise ValueError(f"Swin out_features {out_features} and out_indices {out_indices} disagree "
                              f"(stage names {names}).")
-        self.out_features: list[str] = list(out_features)
-        self.out_indices: list[int] = list(out_indices)
+        self._out_features: list[str] = list(out_features)
+        self._out_indices: list[int] = list(out_indices)
+
+    @property
+    def out_features(self) -> list[str]:
+        return self._out_features
+
+    @out_features.setter
+    def out_features(self, out_features: list[str]) -> None:
+        """Also aligns out_indices, as transformers does."""
+        self._set_out_features(out_features, None)
+
+    @property
+    def out_indices(self) -> list[int]:
+        return self._out_indices
+
+    @out_indices.setter
+    def out_indices(self, out_indices: list[int]) -> None:
+        """Also aligns out_features, as transformers does."""
+        self._set_out_features(None, list(out_indices))
 
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
         out.update(out_features=list(self.out_features), out_indices=list(self.out_indices),
-                   num_layers=self.num_layers, hidden_size=self.hidden_size, stage_names=self.stage_names)
+                   num_layers=self.num_layers, hidden_size=self.hidden_size, stage_names=list(self.stage_names))
         return dict(sorted(out.items()))
 
 
@@ -313,9 +432,12 @@ class Mask2FormerConfig(_JsonConfig):
         out["backbone_config"] = self.backbone_config.to_dict()
         return dict(sorted(out.items()))
 
-    def to_json_string(self) -> str:
-        as_dict = self.to_dict()
-        as_dict["id2label"] = {str(k): v for k, v in as_dict["id2label"].items()}
-        backbone = as_dict["backbone_config"]
-        backbone["id2label"] = {str(k): v for k, v in backbone["id2label"].items()}
-        return json.dumps(as_dict, indent=2, sort_keys=True) + "\n"
+    def to_diff_dict(self) -> dict[str, Any]:
+        out = super().to_diff_dict()
+        out["backbone_config"] = self.backbone_config.to_diff_dict()
+        return out
+
+    def _json_dict(self, use_diff: bool) -> dict[str, Any]:
+        as_dict = super()._json_dict(use_diff)
+        as_dict["backbone_config"] = self.backbone_config._json_dict(use_diff)
+        return as_dict

@@ -22,8 +22,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL.Image import Resampling
 
 from . import post_processing
+from .configuration import local_pretrained_path
+from .outputs import BatchFeature
 
 logger = logging.getLogger(__name__)
 
@@ -43,30 +46,6 @@ _SIZE_KEY_SETS = ({"height", "width"}, {"shortest_edge"}, {"shortest_edge", "lon
 # Keys of old preprocessor configs that transformers 5.24 stores but never reads.
 _IGNORED_LEGACY_KEYS = {"reduce_labels": "do_reduce_labels", "size_divisibility": "size_divisor"}
 _DROPPED_CONFIG_KEYS = ("feature_extractor_type", "processor_class", "image_processor_type", "_max_size")
-
-
-class BatchFeature(dict):
-    """The processor's output: a dict (so `model(**inputs)` works) with attribute access and `.to()`."""
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self[name]
-        except KeyError as error:
-            raise AttributeError(name) from error
-
-    def to(self, *args: Any, **kwargs: Any) -> "BatchFeature":
-        """Moves every tensor (also inside the mask_labels/class_labels lists) like `Tensor.to`."""
-        def move(value: Any) -> Any:
-            if isinstance(value, torch.Tensor):
-                # pixel_mask and labels keep their integer dtype when a float dtype is requested.
-                if value.is_floating_point() or not any(isinstance(a, torch.dtype) for a in args):
-                    return value.to(*args, **kwargs)
-                return value.to(*[a for a in args if not isinstance(a, torch.dtype)],
-                                **{k: v for k, v in kwargs.items() if k != "dtype"})
-            if isinstance(value, list):
-                return [move(v) for v in value]
-            return value
-        return BatchFeature({key: move(value) for key, value in self.items()})
 
 
 def _normalise_size(size: Any, *, max_size: int | None = None, param_name: str = "size") -> dict[str, int]:
@@ -183,13 +162,19 @@ def _channel_dimension(image: torch.Tensor | np.ndarray, input_data_format: str 
         if value not in ("channels_first", "channels_last"):
             raise ValueError(f"input_data_format={input_data_format!r}; use 'channels_first' or 'channels_last'")
         return value
-    # Like transformers: channels-first wins when both ends could be channels.
-    if image.shape[0] in (1, 3, 4):
+    # transformers' rules and wording (code matches on them): channels-first wins, with a warning, when both
+    # ends could be channels.
+    first_fits, last_fits = image.shape[0] in (1, 3, 4), image.shape[-1] in (1, 3, 4)
+    if first_fits and last_fits:
+        logger.warning("The channel dimension is ambiguous. Got image shape %s. Assuming channels are the first "
+                       "dimension. Use the input_data_format parameter to assign the channel dimension.",
+                       tuple(image.shape))
+    if first_fits:
         return "channels_first"
-    if image.shape[-1] in (1, 3, 4):
+    if last_fits:
         return "channels_last"
-    raise ValueError(f"cannot tell the channel axis of an image of shape {tuple(image.shape)}; "
-                     f"pass input_data_format='channels_first' or 'channels_last'")
+    raise ValueError(f"Unable to infer channel dimension format of an image of shape {tuple(image.shape)}; pass "
+                     f"input_data_format='channels_first' or 'channels_last'")
 
 
 def _is_pil_image(value: Any) -> bool:
@@ -316,6 +301,16 @@ def segmentation_map_to_binary_masks(
     return masks, labels
 
 
+def _read_json_object(path: Path) -> dict[str, Any]:
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); re-save it with save_pretrained") from error
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(config).__name__}")
+    return config
+
+
 class Mask2FormerImageProcessor:
     """Prepares images (and segmentation maps) for Mask2Former and turns its outputs into segmentations.
 
@@ -337,7 +332,7 @@ class Mask2FormerImageProcessor:
         do_resize: bool = True,
         size: int | Sequence[int] | Mapping[str, int] | None = None,
         size_divisor: int = 32,
-        resample: int | Any = 2,
+        resample: int | Any = Resampling.BILINEAR,
         do_rescale: bool = True,
         rescale_factor: float = 1 / 255,
         do_normalize: bool = True,
@@ -359,7 +354,9 @@ class Mask2FormerImageProcessor:
         self.size = _normalise_size(size, max_size=max_size)
         self.do_resize = do_resize
         self.size_divisor = size_divisor
-        self.resample = _resample_id(resample)
+        # ints and PIL enums are kept as given (transformers' to_dict returns them so); names and torchvision
+        # modes become the PIL enum, which config files store as its int
+        self.resample = resample if isinstance(resample, int) else Resampling(_resample_id(resample))
         self.do_rescale = do_rescale
         self.rescale_factor = rescale_factor
         self.do_normalize = do_normalize
@@ -380,11 +377,12 @@ class Mask2FormerImageProcessor:
         self.extra_attributes = dict(extra)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__} {json.dumps(self.to_dict(), indent=2, sort_keys=True)}"
+        return f"{type(self).__name__} {self.to_json_string()}"
 
     # ----------------------------------------------------------------------------- config in/out
     def to_dict(self) -> dict[str, Any]:
-        """The preprocessor_config.json content, with transformers' key names."""
+        """The preprocessor_config.json content, with transformers' key names and value types (mean/std tuples,
+        resample as given)."""
         config: dict[str, Any] = dict(self.extra_attributes)
         config.update({
             "do_resize": self.do_resize,
@@ -394,8 +392,8 @@ class Mask2FormerImageProcessor:
             "do_rescale": self.do_rescale,
             "rescale_factor": self.rescale_factor,
             "do_normalize": self.do_normalize,
-            "image_mean": list(self.image_mean) if isinstance(self.image_mean, tuple) else self.image_mean,
-            "image_std": list(self.image_std) if isinstance(self.image_std, tuple) else self.image_std,
+            "image_mean": self.image_mean,
+            "image_std": self.image_std,
             "do_reduce_labels": self.do_reduce_labels,
             "image_processor_type": "Mask2FormerImageProcessor",
         })
@@ -405,35 +403,45 @@ class Mask2FormerImageProcessor:
                 config[key] = dict(value) if isinstance(value, dict) else value
         return config
 
-    @classmethod
-    def from_dict(cls, config: Mapping[str, Any], **overrides: Any) -> "Mask2FormerImageProcessor":
-        merged = dict(config)
-        merged.update(overrides)
-        return cls(**merged)
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def to_json_file(self, json_file_path: str | os.PathLike) -> None:
+        Path(json_file_path).write_text(self.to_json_string(), encoding="utf-8")
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, **overrides: Any) -> "Mask2FormerImageProcessor":
-        """Reads `preprocessor_config.json` from a checkpoint directory (or the path of that file)."""
-        path = Path(directory)
+    def from_dict(cls, image_processor_dict: Mapping[str, Any], **kwargs: Any) -> "Mask2FormerImageProcessor":
+        """A processor from `preprocessor_config.json` content; `kwargs` override its keys."""
+        return cls(**{**image_processor_dict, **kwargs})
+
+    @classmethod
+    def from_json_file(cls, json_file: str | os.PathLike) -> "Mask2FormerImageProcessor":
+        return cls(**_read_json_object(Path(json_file)))
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike,
+                        **kwargs: Any) -> "Mask2FormerImageProcessor":
+        """Reads `preprocessor_config.json` from a checkpoint directory (or the path of that file); `kwargs`
+        override its keys."""
+        path = local_pretrained_path(pretrained_model_name_or_path, kwargs)
         config_path = path if path.is_file() else path / PREPROCESSOR_CONFIG_NAME
         if not config_path.is_file():
             raise FileNotFoundError(f"no {PREPROCESSOR_CONFIG_NAME} in {path}; save one with "
                                     f"Mask2FormerImageProcessor(...).save_pretrained({str(path)!r})")
-        try:
-            config = json.loads(config_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{config_path} is not valid JSON ({error}); re-save it with save_pretrained") from error
-        if not isinstance(config, dict):
-            raise ValueError(f"{config_path} must hold a JSON object, got {type(config).__name__}")
-        return cls.from_dict(config, **overrides)
+        return cls.from_dict(_read_json_object(config_path), **kwargs)
 
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Writes `preprocessor_config.json` (transformers reads it back) and returns its path."""
-        path = Path(directory)
-        path.mkdir(parents=True, exist_ok=True)
-        config_path = path / PREPROCESSOR_CONFIG_NAME
-        config_path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        return config_path
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False) -> list[str]:
+        """Writes `preprocessor_config.json` (transformers reads it back); returns the files written, as
+        transformers does."""
+        if push_to_hub:
+            raise ValueError("push_to_hub is not supported: m2f_model saves to local directories only.")
+        directory = Path(save_directory)
+        if directory.is_file():
+            raise AssertionError(f"Provided path ({directory}) should be a directory, not a file")
+        directory.mkdir(parents=True, exist_ok=True)
+        config_path = directory / PREPROCESSOR_CONFIG_NAME
+        self.to_json_file(config_path)
+        return [str(config_path)]
 
     # ----------------------------------------------------------------------------- preprocessing
     def __call__(self, images: Any, segmentation_maps: Any = None,

@@ -180,15 +180,24 @@ class Mask2FormerLoss(nn.Module):
         self.num_labels: int = config.num_labels
         self.weight_dict = weight_dict
         self.no_object_weight: float = config.no_object_weight
-        class_weights = torch.ones(self.num_labels + 1)
-        class_weights[-1] = self.no_object_weight
-        self.register_buffer("empty_weight", class_weights)
+        self.register_buffer("empty_weight", self._class_weights())
 
         self.num_points: int = config.train_num_points
         self.oversample_ratio: float = config.oversample_ratio
         self.importance_sample_ratio: float = config.importance_sample_ratio
         self.matcher = Mask2FormerHungarianMatcher(cost_class=config.class_weight, cost_mask=config.mask_weight,
                                                    cost_dice=config.dice_weight, num_points=self.num_points)
+
+    def _class_weights(self) -> Tensor:
+        """(L + 1,): 1 for every class, no_object_weight for "no object"."""
+        class_weights = torch.ones(self.num_labels + 1)
+        class_weights[-1] = self.no_object_weight
+        return class_weights
+
+    def init_buffers(self) -> None:
+        """Refills `empty_weight` from the configuration, e.g. after `to_empty()` left it uninitialised."""
+        with torch.no_grad():
+            self.empty_weight.copy_(self._class_weights())
 
     def forward(self, masks_queries_logits: Tensor, class_queries_logits: Tensor, mask_labels: list[Tensor],
                 class_labels: list[Tensor],

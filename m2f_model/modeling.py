@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -58,8 +58,22 @@ class Mask2FormerPreTrainedModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
 
+    @property
+    def name_or_path(self) -> str:
+        """The checkpoint directory from_pretrained read ("" for a model built from a configuration)."""
+        return self.config.name_or_path
+
+    @property
+    def base_model(self) -> nn.Module:
+        """The backbone-to-decoder `Mask2FormerModel` (the model itself, or its `model` under a task head)."""
+        return getattr(self, self.base_model_prefix, self)
+
     def init_weights(self) -> None:
-        """Random initialisation with the distributions transformers uses (values differ, as any seed would)."""
+        """Random initialisation with the distributions transformers uses (values differ, as any seed would).
+
+        Also rebuilds the computed buffers (Swin's relative-position indices, the loss's class weights), so a model
+        built on the meta device and materialised with `to_empty()` works after `init_weights()` (then load weights).
+        """
         std = self.config.init_std
         gain = self.config.init_xavier_std
         for module in self.modules():
@@ -96,19 +110,36 @@ class Mask2FormerPreTrainedModel(nn.Module):
                     if isinstance(linear, nn.Linear):
                         linear.reset_parameters()
 
-    @classmethod
-    def from_pretrained(cls, pretrained_path: str | os.PathLike, *, strict: bool = True,
-                        torch_dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-                        config: Mask2FormerConfig | None = None):
-        """Loads a transformers-layout checkpoint directory (config.json + model.safetensors or
-        pytorch_model.bin). Missing, unexpected or mis-shaped weights raise `CheckpointError`; strict=False
-        logs them instead. Returns the model in eval mode."""
-        return checkpoints.from_pretrained(cls, pretrained_path, strict=strict, torch_dtype=torch_dtype,
-                                           device=device, config=config)
+    def post_init(self) -> None:
+        """transformers' end-of-construction hook: (re)initialises every weight and computed buffer."""
+        self.init_weights()
 
-    def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
+    def num_parameters(self, only_trainable: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not only_trainable)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *,
+                        config: Mask2FormerConfig | str | os.PathLike | None = None,
+                        dtype: str | torch.dtype | None = None, torch_dtype: str | torch.dtype | None = None,
+                        device_map: str | int | torch.device | None = None, device: torch.device | str | None = None,
+                        strict: bool = True, ignore_mismatched_sizes: bool = False,
+                        output_loading_info: bool = False, **kwargs: Any):
+        """Loads a transformers-layout checkpoint directory (config.json + model.safetensors or
+        pytorch_model.bin), in eval mode, with transformers' keywords: `dtype` ("auto" by default: config.json's
+        dtype, else the weights'; or "float16", torch.bfloat16...), `torch_dtype` (its older name), `device_map`
+        (one device or "auto"), `ignore_mismatched_sizes`, `output_loading_info`, configuration overrides such as
+        `id2label=...`. Missing, unexpected or mis-shaped weights raise `CheckpointError`; strict=False logs them
+        instead."""
+        return checkpoints.from_pretrained(cls, pretrained_model_name_or_path, config=config, dtype=dtype,
+                                           torch_dtype=torch_dtype, device_map=device_map, device=device,
+                                           strict=strict, ignore_mismatched_sizes=ignore_mismatched_sizes,
+                                           output_loading_info=output_loading_info, **kwargs)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, is_main_process: bool = True,
+                        state_dict: dict[str, torch.Tensor] | None = None, push_to_hub: bool = False) -> None:
         """Writes config.json and model.safetensors that transformers' from_pretrained loads."""
-        return checkpoints.save_pretrained(self, save_directory)
+        checkpoints.save_pretrained(self, save_directory, is_main_process=is_main_process, state_dict=state_dict,
+                                    push_to_hub=push_to_hub)
 
 
 def _init_deformable_attention(module: MultiscaleDeformableAttention) -> None:
@@ -181,8 +212,7 @@ class Mask2FormerModel(Mask2FormerPreTrainedModel):
             pixel_decoder_hidden_states=pixel_level.decoder_hidden_states if output_hidden_states else None,
             transformer_decoder_hidden_states=decoded.hidden_states if output_hidden_states else None,
             transformer_decoder_intermediate_states=(
-                tuple(state.transpose(0, 1) for state in decoded.intermediate_hidden_states)
-                if output_hidden_states else None),
+                decoded.intermediate_hidden_states if output_hidden_states else None),
             masks_queries_logits=decoded.masks_queries_logits,
             attentions=decoded.attentions,
         )
@@ -216,6 +246,10 @@ class Mask2FormerForUniversalSegmentation(Mask2FormerPreTrainedModel):
         self.criterion = Mask2FormerLoss(config=config, weight_dict=self.weight_dict)
         nn.init.normal_(self.class_predictor.weight, mean=0.0, std=config.init_std)
         nn.init.zeros_(self.class_predictor.bias)
+
+    def init_weights(self) -> None:
+        super().init_weights()
+        self.criterion.init_buffers()
 
     def get_loss_dict(self, masks_queries_logits: torch.Tensor, class_queries_logits: torch.Tensor,
                       mask_labels: list[torch.Tensor], class_labels: list[torch.Tensor],
@@ -258,7 +292,7 @@ class Mask2FormerForUniversalSegmentation(Mask2FormerPreTrainedModel):
         pixel_level, decoded = self.model._forward_for_head(pixel_values, bool(output_hidden_states),
                                                             bool(output_attentions), needs_intermediate)
         states = decoded.intermediate_hidden_states if needs_intermediate else decoded.intermediate_hidden_states[-1:]
-        class_queries_logits = tuple(self.class_predictor(state) for state in states)
+        class_queries_logits = tuple(self.class_predictor(state.transpose(0, 1)) for state in states)  # (B, Q, L+1)
         masks_queries_logits = decoded.masks_queries_logits
         auxiliary_logits = [{"masks_queries_logits": masks, "class_queries_logits": classes}
                             for masks, classes in zip(masks_queries_logits[:-1], class_queries_logits[:-1])]

@@ -1,4 +1,5 @@
-"""Output records of the Mask2Former modules, with the fields (names and order) of transformers' outputs.
+"""Output records of the Mask2Former modules, with the fields (names and order) of transformers' outputs, and the
+attribute dict `BatchFeature` that the image processor returns.
 
 Like transformers' `ModelOutput`: attribute access, `out["name"]` and `to_tuple()` both see only the fields that are
 not None, in declaration order; `out[0]` indexes that tuple.
@@ -11,6 +12,7 @@ from typing import Any, Iterator
 import torch
 
 __all__ = [
+    "BatchFeature",
     "ModelOutput",
     "Mask2FormerPixelDecoderOutput",
     "Mask2FormerMaskedAttentionDecoderOutput",
@@ -18,6 +20,31 @@ __all__ = [
     "Mask2FormerModelOutput",
     "Mask2FormerForUniversalSegmentationOutput",
 ]
+
+
+class BatchFeature(dict):
+    """A dict with attribute access and `.to()`: the processor's output (so `model(**inputs)` works) and the semantic
+    post-processor's per-image `segmentation` / `segmentation_scores` (transformers' BatchFeature and its subclass)."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError as error:
+            raise AttributeError(name) from error
+
+    def to(self, *args: Any, **kwargs: Any) -> "BatchFeature":
+        """Moves every tensor (also inside the mask_labels/class_labels lists) like `Tensor.to`."""
+        def move(value: Any) -> Any:
+            if isinstance(value, torch.Tensor):
+                # pixel_mask and labels keep their integer dtype when a float dtype is requested.
+                if value.is_floating_point() or not any(isinstance(a, torch.dtype) for a in args):
+                    return value.to(*args, **kwargs)
+                return value.to(*[a for a in args if not isinstance(a, torch.dtype)],
+                                **{k: v for k, v in kwargs.items() if k != "dtype"})
+            if isinstance(value, list):
+                return [move(v) for v in value]
+            return value
+        return BatchFeature({key: move(value) for key, value in self.items()})
 
 
 @dataclass

@@ -19,7 +19,7 @@ from torch import nn
 
 from .configuration import Mask2FormerConfig
 from .outputs import Mask2FormerPixelDecoderOutput
-from .swin import remember
+from .swin import shape_cached
 
 __all__ = [
     "Mask2FormerSinePositionEmbedding",
@@ -54,11 +54,10 @@ class Mask2FormerSinePositionEmbedding(nn.Module):
 
     def embedding(self, height: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """(2 * num_position_features, H, W), y features first then x, sin/cos interleaved."""
-        # tensors made under inference_mode cannot take part in autograd later: cache them separately
-        key = (height, width, device, dtype, torch.is_inference_mode_enabled())
-        cached = self._cache.get(key)
-        if cached is not None:
-            return cached
+        return shape_cached(self._cache, (height, width, device, dtype),
+                            lambda: self._build_embedding(height, width, device, dtype))
+
+    def _build_embedding(self, height: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         y_embed = torch.arange(1, height + 1, dtype=dtype, device=device)[:, None].expand(height, width)
         x_embed = torch.arange(1, width + 1, dtype=dtype, device=device)[None, :].expand(height, width)
         if self.normalize:
@@ -70,9 +69,7 @@ class Mask2FormerSinePositionEmbedding(nn.Module):
         pos_y = y_embed[:, :, None] / dim_t
         pos_x = torch.stack((pos_x[:, :, 0::2].sin(), pos_x[:, :, 1::2].cos()), dim=3).flatten(2)
         pos_y = torch.stack((pos_y[:, :, 0::2].sin(), pos_y[:, :, 1::2].cos()), dim=3).flatten(2)
-        embedding = torch.cat((pos_y, pos_x), dim=2).permute(2, 0, 1).contiguous()
-        remember(self._cache, key, embedding)
-        return embedding
+        return torch.cat((pos_y, pos_x), dim=2).permute(2, 0, 1).contiguous()
 
     def forward(self, shape: torch.Size, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         batch, _, height, width = shape
@@ -131,13 +128,17 @@ class LevelGeometry:
         """value (B, S, heads, d) -> (B * S_padded * heads, d): every level framed by zeros.
 
         Without autograd the zero-framed buffer is reused between layers and calls of the same thread (only the
-        interiors are written).
+        interiors are written); not under torch.compile, which plans its own buffers (and cannot trace the thread
+        id).
         """
         batch, _, heads, head_dim = value.shape
         channels = heads * head_dim
-        reusable = not (torch.is_grad_enabled() and value.requires_grad)
-        key = (batch, channels, value.dtype, value.device, threading.get_ident(), torch.is_inference_mode_enabled())
-        table = self._tables.get(key) if reusable else None
+        reusable = not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and value.requires_grad)
+        table = None
+        if reusable:
+            key = (batch, channels, value.dtype, value.device, threading.get_ident(),
+                   torch.is_inference_mode_enabled())
+            table = self._tables.get(key)
         if table is None:
             table = value.new_zeros(batch, self.padded_tokens, channels)
             if reusable:
@@ -247,9 +248,11 @@ class Mask2FormerPixelDecoderEncoderLayer(nn.Module):
         feed_forward = F.dropout(F.relu(self.fc1(hidden_states)), p=self.dropout, training=self.training)
         feed_forward = F.dropout(self.fc2(feed_forward), p=self.dropout, training=self.training)
         hidden_states = self.final_layer_norm(hidden_states + feed_forward)
-        if self.training and not torch.isfinite(hidden_states).all():
+        if self.training:
+            # as transformers: clamp everything once anything overflowed; chosen on the device (no host sync)
             clamp = torch.finfo(hidden_states.dtype).max - 1000
-            hidden_states = hidden_states.clamp(min=-clamp, max=clamp)
+            hidden_states = torch.where(torch.isfinite(hidden_states).all(), hidden_states,
+                                        hidden_states.clamp(min=-clamp, max=clamp))
         return hidden_states, weights
 
 
@@ -262,10 +265,8 @@ class Mask2FormerPixelDecoderEncoderOnly(nn.Module):
 
     def geometry(self, spatial_shapes: list[tuple[int, int]], device: torch.device, dtype: torch.dtype
                  ) -> LevelGeometry:
-        key = (tuple(spatial_shapes), device, dtype, torch.is_inference_mode_enabled())
-        if key not in self._geometry_cache:
-            remember(self._geometry_cache, key, LevelGeometry(spatial_shapes, device, dtype))
-        return self._geometry_cache[key]
+        return shape_cached(self._geometry_cache, (tuple(spatial_shapes), device, dtype),
+                            lambda: LevelGeometry(spatial_shapes, device, dtype))
 
     def forward(self, inputs_embeds: torch.Tensor, position_embeddings: torch.Tensor,
                 spatial_shapes: list[tuple[int, int]], output_attentions: bool = False

@@ -38,6 +38,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .outputs import BatchFeature as SemanticSegmentationResult
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -53,16 +55,6 @@ __all__ = [
 
 # transformers upsamples every mask to this size before anything else ("(384, 384) for all models").
 REFERENCE_INTERMEDIATE_SIZE = (384, 384)
-
-
-class SemanticSegmentationResult(dict):
-    """`segmentation` (H, W) and `segmentation_scores` (num_labels, H, W), as keys and attributes."""
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self[name]
-        except KeyError as error:
-            raise AttributeError(name) from error
 
 
 def _logits(outputs: Any) -> tuple[torch.Tensor, torch.Tensor]:

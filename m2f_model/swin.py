@@ -16,6 +16,9 @@ gather indices are built once per map size.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,11 +32,24 @@ _SHIFT_MASK_VALUE = -100.0
 SHAPE_CACHE_SIZE = 8
 
 
-def remember(cache: dict, key: object, value: object, limit: int = SHAPE_CACHE_SIZE) -> object:
-    """Stores value under key, dropping the oldest entries beyond `limit`; returns value."""
-    cache[key] = value
-    while len(cache) > limit:
-        del cache[next(iter(cache))]
+Built = TypeVar("Built")
+
+
+def shape_cached(cache: dict, key: tuple, build: Callable[[], Built]) -> Built:
+    """build() once per key, keeping the SHAPE_CACHE_SIZE newest entries.
+
+    Under torch.compile the value is built inline instead: it depends only on static shapes, so it is traced into
+    the graph, where the cache lookup (keyed on the inference-mode flag, which dynamo cannot read) would break it.
+    """
+    if torch.compiler.is_compiling():
+        return build()
+    # tensors made under inference_mode cannot take part in autograd later: cache them separately
+    key = (*key, torch.is_inference_mode_enabled())
+    value = cache.get(key)
+    if value is None:
+        value = cache[key] = build()
+        while len(cache) > SHAPE_CACHE_SIZE:
+            del cache[next(iter(cache))]
     return value
 
 
@@ -152,6 +168,11 @@ class SwinWindowAttention(nn.Module):
         self.register_buffer("relative_position_index", relative_position_index(config.window_size),
                              persistent=False)
 
+    def init_buffers(self) -> None:
+        """Rebuilds the index (a non-persistent buffer) where the module lives, e.g. after `to_empty()`."""
+        self.relative_position_index = relative_position_index(self.window_size).to(
+            self.relative_position_bias_table.device)
+
     def relative_position_bias(self) -> torch.Tensor:
         """(heads, w*w, w*w)"""
         area = self.window_size * self.window_size
@@ -236,18 +257,15 @@ class SwinBlock(nn.Module):
     def _window_geometry(self, height: int, width: int, device: torch.device, dtype: torch.dtype
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(gather, scatter, shift mask or None) for this map size, built once."""
-        # tensors made under inference_mode cannot take part in autograd later: cache them separately
-        key = (height, width, device, dtype, torch.is_inference_mode_enabled())
-        cached = self._geometry.get(key)
-        if cached is None:
+        def build() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
             gather, scatter = window_token_order(height, width, self.window_size, self.shift_size, device)
             mask = None
             if self.shift_size:
                 mask = shifted_window_mask(height + (-height) % self.window_size, width + (-width) % self.window_size,
                                            self.window_size, self.shift_size, device, dtype)
-            cached = (gather, scatter, mask)
-            remember(self._geometry, key, cached)
-        return cached
+            return gather, scatter, mask
+
+        return shape_cached(self._geometry, (height, width, device, dtype), build)
 
     def forward(self, hidden_states: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """hidden_states: (B, H*W, C) -> (B, H*W, C)."""
@@ -361,7 +379,8 @@ def _normal_init(module: nn.Module, std: float) -> None:
 
 
 def init_swin_weights(backbone: SwinBackbone, std: float) -> None:
-    """transformers' Swin initialisation: linear/conv N(0, std), norms (1, 0), bias table and abs. pos-emb zero."""
+    """transformers' Swin initialisation: linear/conv N(0, std), norms (1, 0), bias table and abs. pos-emb zero;
+    the relative-position indices rebuilt."""
     for module in backbone.modules():
         if isinstance(module, (nn.Linear, nn.Conv2d)):
             _normal_init(module, std)
@@ -370,6 +389,7 @@ def init_swin_weights(backbone: SwinBackbone, std: float) -> None:
             nn.init.zeros_(module.bias)
         elif isinstance(module, SwinWindowAttention):
             nn.init.zeros_(module.relative_position_bias_table)
+            module.init_buffers()
     if backbone.embeddings.position_embeddings is not None:
         nn.init.zeros_(backbone.embeddings.position_embeddings)
 

@@ -78,10 +78,26 @@ class Mask2FormerAttention(nn.Module):
         value = _split_heads(self.v_proj(hidden_states), self.num_heads)
         flat = (batch * self.num_heads, num_queries, head_dim)
         weights = torch.bmm(query.reshape(flat), key.reshape(flat).transpose(1, 2)).softmax(-1)
+        returned_weights = None
+        if need_weights:
+            # the returned weights are a view the context is then computed from, so they are on the loss's path
+            returned_weights = weights.view(batch, self.num_heads, num_queries, num_queries)
+            weights = returned_weights.view(batch * self.num_heads, num_queries, num_queries)
         context = torch.bmm(F.dropout(weights, p=self.dropout, training=self.training), value.reshape(flat))
         context = context.view(batch, self.num_heads, num_queries, head_dim)
         output = self.out_proj(_merge_heads(context))
-        return output, weights.view(batch, self.num_heads, num_queries, num_queries) if need_weights else None
+        return output, returned_weights
+
+
+def _sequence_first(batch_first: torch.Tensor, keeps_path: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, Q, C) -> the (Q, B, C) view handed out and the (B, Q, C) tensor computation continues from.
+
+    With keeps_path the computation continues from a view of the handed-out tensor, so that tensor is on the loss's
+    path and `retain_grad()` on it sees the gradient (as transformers, which computes sequence-first). Views only:
+    no copies and the same arithmetic either way.
+    """
+    sequence_first = batch_first.transpose(0, 1)
+    return sequence_first, sequence_first.transpose(0, 1) if keeps_path else batch_first
 
 
 class Mask2FormerMaskedAttentionDecoderLayer(nn.Module):
@@ -199,17 +215,17 @@ class Mask2FormerMaskedAttentionDecoder(nn.Module):
         With all_mask_predictions=False, masks_queries_logits holds only the final prediction (the others are
         still computed: the attention masks come from them).
         """
-        hidden_states = queries
         all_hidden_states = () if output_hidden_states else None
         attentions = () if output_attentions else None
         num_layers = len(self.layers)
-        normed = self.layernorm(hidden_states)
-        intermediate = (normed,)
+        returned_state, hidden_states = _sequence_first(queries, output_hidden_states)
+        returned_normed, normed = _sequence_first(self.layernorm(hidden_states), output_hidden_states)
+        intermediate = (returned_normed,)
         mask_logits, allowed = self.mask_predictor(normed, pixel_embeddings, level_sizes[0])
         mask_predictions = (mask_logits,) if all_mask_predictions or num_layers == 0 else ()
         for index, layer in enumerate(self.layers):
             if output_hidden_states:
-                all_hidden_states += (hidden_states.transpose(0, 1),)
+                all_hidden_states += (returned_state,)
             if self.training and self.layerdrop > 0.0 and torch.rand([]) < self.layerdrop:
                 continue
             level = index % NUM_FEATURE_LEVELS
@@ -217,18 +233,19 @@ class Mask2FormerMaskedAttentionDecoder(nn.Module):
             allowed = allowed | ~allowed.any(-1, keepdim=True)
             hidden_states, self_weights, _ = layer(hidden_states, query_positions, memories[level],
                                                    memory_positions[level], allowed, output_attentions)
-            normed = self.layernorm(hidden_states)
+            returned_state, hidden_states = _sequence_first(hidden_states, output_hidden_states)
+            returned_normed, normed = _sequence_first(self.layernorm(hidden_states), output_hidden_states)
             is_last = index + 1 == num_layers
             # the attention mask is only needed if another layer follows
             mask_logits, allowed = self.mask_predictor(
                 normed, pixel_embeddings, None if is_last else level_sizes[(index + 1) % NUM_FEATURE_LEVELS])
             if all_mask_predictions or is_last:
                 mask_predictions += (mask_logits,)
-            intermediate += (normed,)
+            intermediate += (returned_normed,)
             if output_attentions:
                 attentions += (self_weights,)
         if output_hidden_states:
-            all_hidden_states += (hidden_states.transpose(0, 1),)
+            all_hidden_states += (returned_state,)
         return Mask2FormerMaskedAttentionDecoderOutput(
             last_hidden_state=hidden_states,
             hidden_states=all_hidden_states,

@@ -4,6 +4,12 @@ Every stage reports how many images it finished to one small `ProgressTracker` a
 calls, zero CPUs so it is always schedulable). The driver's watchdog polls it; when no stage has moved for
 `stall_timeout` seconds, it names the first stage that has not finished all its images: upstream stages
 that are done have nothing left to give, so that stage is where the work is stuck.
+
+The tracker lives on the driver's node (`start_progress_tracker`): a worker node that dies takes Ray Data's
+tasks and actors with it, which Ray retries and restarts elsewhere, but never the tracker. Should its process
+die anyway it is restarted in place (its counts start again from zero, its idle clock too). A tracker that
+does not answer is not a stall: the watchdog says so, and gives up only when it has heard nothing for
+`stall_timeout` seconds.
 """
 from __future__ import annotations
 
@@ -12,8 +18,10 @@ import threading
 import time
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-__all__ = ["STAGES", "ProgressTracker", "StallWatchdog", "PipelineStalledError", "report_progress"]
+__all__ = ["STAGES", "ProgressTracker", "StallWatchdog", "PipelineStalledError", "ProgressUnobservableError",
+           "report_progress", "start_progress_tracker"]
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +36,10 @@ _STAGE_DESCRIPTIONS = {
 
 class PipelineStalledError(RuntimeError):
     """The job made no progress for longer than --stall-timeout."""
+
+
+class ProgressUnobservableError(PipelineStalledError):
+    """The progress tracker did not answer for longer than --stall-timeout: the job cannot watch itself."""
 
 
 @ray.remote(num_cpus=0)
@@ -51,6 +63,15 @@ class ProgressTracker:
         return dict(self._counts), time.monotonic() - self._last_change
 
 
+def start_progress_tracker():
+    """A ProgressTracker pinned to the driver's node (it shares the driver's fate, not a worker's), restarted in
+    place if its process dies."""
+    driver_node = ray.get_runtime_context().get_node_id()
+    return ProgressTracker.options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=driver_node, soft=False),
+        max_restarts=-1, max_task_retries=-1).remote()
+
+
 def report_progress(tracker, stage: str, count: int) -> None:
     """Fire-and-forget: progress reporting must never slow down or fail a stage."""
     if tracker is None:
@@ -71,28 +92,47 @@ def describe_stall(counts: dict, expected: int, idle_seconds: float) -> str:
 
 
 class StallWatchdog(threading.Thread):
-    """Polls the tracker; on a stall it records `stall_message` and stops (the driver waits on it)."""
+    """Polls the tracker; on a stall, or a tracker silent for longer than the stall timeout, it records `failure`
+    and stops (the driver waits on it and raises it)."""
 
-    def __init__(self, tracker, *, expected: int, stall_timeout: float, poll_seconds: float = 1.0) -> None:
+    def __init__(self, tracker, *, expected: int, stall_timeout: float, poll_seconds: float = 1.0,
+                 answer_timeout: float = 10.0) -> None:
         super().__init__(name="m2f-stall-watchdog", daemon=True)
         self._tracker = tracker
         self._expected = expected
         self._stall_timeout = stall_timeout
         self._poll_seconds = poll_seconds
+        self._answer_timeout = answer_timeout
         self._stop_event = threading.Event()
-        self.stall_message: str | None = None
+        self.failure: PipelineStalledError | None = None
 
     def run(self) -> None:
+        last_answer = time.monotonic()
         while not self._stop_event.wait(self._poll_seconds):
             try:
-                counts, idle = ray.get(self._tracker.snapshot.remote(), timeout=max(30.0, self._stall_timeout))
-            except Exception as error:  # noqa: BLE001 - a tracker that cannot answer is itself a stall
-                counts, idle = {}, float("inf")
-                logger.warning("progress tracker did not answer: %s", error)
+                counts, idle = self._ask_tracker()
+            except Exception as error:  # noqa: BLE001 - unreachable is not stalled: wait for it, up to a point
+                silent = time.monotonic() - last_answer
+                logger.warning("progress tracker has not answered for %.0f s (%s: %s); not counted as a stall",
+                               silent, type(error).__name__, error)
+                if silent > self._stall_timeout:
+                    self._fail(ProgressUnobservableError(
+                        f"the progress tracker on the driver's node has not answered for {silent:.0f} s "
+                        f"({type(error).__name__}: {error}); the job cannot tell whether it progresses. "
+                        "Check `ray status` and the driver node's logs."))
+                    return
+                continue
+            last_answer = time.monotonic()
             if idle > self._stall_timeout:
-                self.stall_message = describe_stall(counts, self._expected, min(idle, 1e9))
-                logger.error(self.stall_message)
+                self._fail(PipelineStalledError(describe_stall(counts, self._expected, idle)))
                 return
+
+    def _ask_tracker(self) -> tuple[dict, float]:
+        return ray.get(self._tracker.snapshot.remote(), timeout=self._answer_timeout)
+
+    def _fail(self, failure: PipelineStalledError) -> None:
+        self.failure = failure
+        logger.error("%s", failure)
 
     def stop(self) -> None:
         self._stop_event.set()

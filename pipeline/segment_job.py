@@ -29,10 +29,10 @@ from pipeline.listing import IMAGE_EXTENSIONS, list_inputs
 from pipeline.local_ray import REPO_ROOT, connect_ray
 from pipeline.overlays import OVERLAYS_DIR, write_overlays
 from pipeline.model_spec import ModelSpec, resolve_model
-from pipeline.pools import PoolPlan, plan_pools
+from pipeline.pools import PoolPlan, alive_nodes, plan_pools
 from pipeline.postprocess import PostprocessStage
 from pipeline.preprocess import PreprocessStage
-from pipeline.progress import PipelineStalledError, ProgressTracker, StallWatchdog
+from pipeline.progress import StallWatchdog, start_progress_tracker
 from pipeline.read import DEFAULT_MAX_OBJECT_BYTES, read_objects
 from pipeline.records import SEGMENTS_SCHEMA, TASKS
 from pipeline.resume import compact, done_image_uris
@@ -140,7 +140,7 @@ def run_segmentation(options: SegmentationOptions | dict) -> dict:
     if pending.num_rows:
         started_ray = connect_ray(options.ray_address)
         try:
-            plan = plan_pools(ray.cluster_resources(), preprocess_actors=options.preprocess_actors,
+            plan = plan_pools(alive_nodes(ray.nodes()), preprocess_actors=options.preprocess_actors,
                               model_actors=options.model_actors, postprocess_actors=options.postprocess_actors)
             pipeline_started = time.monotonic()
             processed = _run_pipeline(pending, options, storage, plan, run_id, spec, model_stats)
@@ -188,7 +188,7 @@ def _run_pipeline(pending: pa.Table, options: SegmentationOptions, storage: Stor
     Fills `model_stats` with what the model actors report (batch size, compile time)."""
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = options.show_progress
-    tracker = ProgressTracker.remote()
+    tracker = start_progress_tracker()
     settings = PostprocessSettings(tasks=options.tasks, threshold=options.threshold,
                                    mask_threshold=options.mask_threshold,
                                    overlap_threshold=options.overlap_threshold,
@@ -248,8 +248,8 @@ def _run_pipeline(pending: pa.Table, options: SegmentationOptions, storage: Stor
     try:
         while collector.is_alive():
             collector.join(timeout=1.0)
-            if watchdog.stall_message is not None:
-                raise PipelineStalledError(watchdog.stall_message)
+            if watchdog.failure is not None:
+                raise watchdog.failure
     finally:
         watchdog.stop()
     if failures:
