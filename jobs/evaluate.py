@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from pipeline.checkpoint import TORCH_DTYPES, localize_checkpoint  # noqa: E402
 from pipeline.cli import add_postprocess_arguments, add_storage_argument, probability_argument  # noqa: E402
-from pipeline.postprocess import PostprocessSettings, read_id2label  # noqa: E402
+from pipeline.device_postprocess import PostprocessSettings  # noqa: E402
+from pipeline.model_spec import read_id2label  # noqa: E402
 from pipeline.storage import StorageConfig  # noqa: E402
 from training.evaluation import (format_report, load_ground_truth, predict_segments,  # noqa: E402
                                  read_export_predictions, read_run_predictions, score_predictions,

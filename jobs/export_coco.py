@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from pipeline.checkpoint import localize_checkpoint  # noqa: E402
 from pipeline.cli import add_storage_argument  # noqa: E402
 from pipeline.coco_export import export_coco  # noqa: E402
-from pipeline.postprocess import read_id2label  # noqa: E402
+from pipeline.model_spec import read_id2label  # noqa: E402
 from pipeline.storage import StorageConfig, join_uri  # noqa: E402
 
 

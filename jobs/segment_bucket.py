@@ -37,14 +37,18 @@ def parse_args(argv: list[str] | None = None) -> SegmentationOptions:
     parser.add_argument("--model", default=DEFAULTS.model,
                         help="checkpoint directory in transformers' layout (local or s3://)")
     add_postprocess_arguments(parser, tasks_default=DEFAULTS.tasks)
-    parser.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size, help="images per forward pass")
+    parser.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size,
+                        help="images per forward pass (default: 16 on a GPU, 4 on CPU)")
     parser.add_argument("--preprocess-actors", type=int, default=None, help="decode/preprocess actors "
                                                                             "(default: enough for the model's rate)")
     parser.add_argument("--model-actors", type=int, default=None, help="model actors (default: one per GPU, else "
                                                                        "up to 8 CPUs each on every node with room)")
     parser.add_argument("--postprocess-actors", type=int, default=None, help="post-process/write actors")
     parser.add_argument("--dtype", default=DEFAULTS.dtype, choices=["float32", "bfloat16", "float16"],
-                        help="model weights and activations dtype")
+                        help="model weights and activations dtype (default: bfloat16 on a GPU, float32 on CPU)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the model in each model actor (slow first batch; compile time in "
+                             "report.json)")
     parser.add_argument("--limit", type=int, default=None, help="label at most the first N inputs")
     parser.add_argument("--resume", action="store_true", help="continue the run in --output: skip images "
                                                               "recorded 'ok', redo the rest")
@@ -69,7 +73,8 @@ def parse_args(argv: list[str] | None = None) -> SegmentationOptions:
         mask_threshold=args.mask_threshold, overlap_threshold=args.overlap_threshold,
         label_ids_to_fuse=args.label_ids_to_fuse, batch_size=args.batch_size,
         preprocess_actors=args.preprocess_actors, model_actors=args.model_actors,
-        postprocess_actors=args.postprocess_actors, dtype=args.dtype, limit=args.limit, resume=args.resume,
+        postprocess_actors=args.postprocess_actors, dtype=args.dtype, compile=args.compile, limit=args.limit,
+        resume=args.resume,
         overwrite=args.overwrite, storage_options=args.storage_options, overlays=args.overlays,
         stall_timeout=args.stall_timeout, ray_address=args.ray_address, images_per_file=args.images_per_file,
         max_image_pixels=args.max_image_pixels, max_object_bytes=args.max_object_bytes,

@@ -21,7 +21,12 @@ left after dropping low-score and no-object ones, and gets segment areas from on
 of a pass per query; semantic resizes to the target size only the classes whose maximum score can
 reach the per-pixel best (resizing is a convex combination, so the others can neither win nor tie).
 Every value that reaches the output goes through the same torch ops, in the same batch shapes, as
-in the reference, so results are identical, not merely close. Work stays on the logits' device.
+in the reference, so results are identical, not merely close. Work stays on the logits' device,
+and every tensor is created there (the functions run unchanged on CPU and CUDA).
+
+`post_process_tasks` gives several tasks from one upsampling: all three functions read the same
+working-size mask logits and probabilities (`_WorkingMasks`), so computing tasks together gives
+exactly what each function gives alone.
 """
 from __future__ import annotations
 
@@ -45,6 +50,7 @@ __all__ = [
     "post_process_semantic_segmentation",
     "post_process_instance_segmentation",
     "post_process_panoptic_segmentation",
+    "post_process_tasks",
 ]
 
 # transformers upsamples every mask to this size before anything else ("(384, 384) for all models").
@@ -86,14 +92,66 @@ def _upsample_rows(mask_logits: torch.Tensor, size: tuple[int, int] | None) -> t
 
 
 def _row_sums(values: torch.Tensor, reference_rows: int) -> torch.Tensor:
-    """Sum over dim 1 of (K, n), in the order torch uses for the reference's `reference_rows` rows.
+    """Sum over dim 1 of (K, n), rounded as in the reference's sum over `reference_rows` rows.
 
-    torch reduces a single output in parallel chunks but several outputs row by row; when the
-    reference sums several rows, a lone row is duplicated to keep that summation order (bitwise equal).
+    How torch splits a reduction (and so its rounding) depends on the number of rows: on CPU a single
+    row is summed in parallel chunks but several rows row by row; CUDA picks its block layout from the
+    shape. Zero rows pad the input to the reference's shape so every row is summed the same way.
     """
-    if values.shape[0] == 1 and reference_rows > 1:
-        return values.repeat(2, 1).sum(1)[:1]
-    return values.sum(1)
+    rows = values.shape[0]
+    if rows < reference_rows:
+        values = torch.cat([values, values.new_zeros((reference_rows - rows, values.shape[1]))])
+    return values.sum(1)[:rows]
+
+
+class _WorkingMasks:
+    """A batch's mask logits at the working size and their sigmoid, made once and shared by every task.
+
+    With an intermediate size (transformers' 384x384), or with neither that nor target sizes, the whole
+    batch is resized in one call and its sigmoid taken in one call, as the reference does (`uniform`);
+    with target sizes and no intermediate size, each image's queries go straight to its target size.
+    """
+
+    def __init__(self, mask_logits: torch.Tensor, intermediate_size: tuple[int, int] | None,
+                 sizes: list[tuple[int, int]] | None) -> None:
+        self._mask_logits = mask_logits  # (B, Q, h, w)
+        self._intermediate_size = intermediate_size
+        self._sizes = sizes
+        self.uniform = intermediate_size is not None or sizes is None
+        self._batch: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._per_image: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def size(self, index: int) -> tuple[int, int]:
+        if self._intermediate_size is not None:
+            return tuple(self._intermediate_size)
+        if self._sizes is not None:
+            return self._sizes[index]
+        return tuple(self._mask_logits.shape[-2:])
+
+    def batch_probs(self) -> torch.Tensor:
+        """(B, Q, h, w) probabilities; only when `uniform` (one working size for the batch)."""
+        return self._whole_batch()[1]
+
+    def logits(self, index: int) -> torch.Tensor:
+        return self._image(index)[0]  # (Q, h, w)
+
+    def probs(self, index: int) -> torch.Tensor:
+        return self._image(index)[1]  # (Q, h, w)
+
+    def _whole_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._batch is None:
+            logits = _upsample(self._mask_logits, self._intermediate_size)
+            self._batch = (logits, logits.sigmoid())
+        return self._batch
+
+    def _image(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.uniform:
+            logits, probs = self._whole_batch()
+            return logits[index], probs[index]
+        if index not in self._per_image:
+            logits = _upsample_rows(self._mask_logits[index], self._sizes[index])
+            self._per_image[index] = (logits, logits.sigmoid())
+        return self._per_image[index]
 
 
 # --------------------------------------------------------------------------------------- RLE
@@ -145,17 +203,21 @@ def post_process_semantic_segmentation(
     (num_labels, H, W) scores. `intermediate_size=None` skips the fixed 384x384 step.
     """
     class_logits, mask_logits = _logits(outputs)
+    sizes = _check_target_sizes(target_sizes, class_logits.shape[0])
+    working = _WorkingMasks(mask_logits, intermediate_size, sizes)
+    return _semantic_maps(class_logits, working, sizes, return_segmentation_scores)
+
+
+def _semantic_maps(class_logits: torch.Tensor, working: _WorkingMasks, sizes: list[tuple[int, int]] | None,
+                   return_segmentation_scores: bool) -> list:
     batch_size = class_logits.shape[0]
-    sizes = _check_target_sizes(target_sizes, batch_size)
     class_probs = class_logits.softmax(dim=-1)[..., :-1]  # (B, Q, L)
-    if intermediate_size is None and sizes is not None:
-        return [_semantic_map_at(class_probs[index], mask_logits[index], size, return_segmentation_scores)
-                for index, size in enumerate(sizes)]
-    mask_probs = _upsample(mask_logits, intermediate_size).sigmoid()  # (B, Q, h, w)
+    if not working.uniform:
+        return [_semantic_map_at(class_probs[index], working.probs(index), return_segmentation_scores)
+                for index in range(batch_size)]
     # One product over the whole batch, as the reference: the matrix kernel (and its rounding) depends
     # on the batch shape, and identical scores are what make identical argmax maps.
-    scores = torch.einsum("bqc, bqhw -> bchw", class_probs, mask_probs)  # (B, L, h, w)
-    del mask_probs
+    scores = torch.einsum("bqc, bqhw -> bchw", class_probs, working.batch_probs())  # (B, L, h, w)
     results = []
     for index in range(batch_size):
         target_size = sizes[index] if sizes is not None else None
@@ -171,10 +233,8 @@ def post_process_semantic_segmentation(
     return results
 
 
-def _semantic_map_at(class_probs: torch.Tensor, mask_logits: torch.Tensor, size: tuple[int, int],
-                     return_segmentation_scores: bool) -> Any:
-    """Mask logits resized straight to `size` (as the original Mask2Former does), then scored."""
-    mask_probs = _upsample_rows(mask_logits, size).sigmoid()  # (Q, H, W)
+def _semantic_map_at(class_probs: torch.Tensor, mask_probs: torch.Tensor, return_segmentation_scores: bool) -> Any:
+    """Scores from mask probabilities already at the target size (as the original Mask2Former does)."""
     scores = torch.einsum("qc, qhw -> chw", class_probs, mask_probs)  # (L, H, W)
     if return_segmentation_scores:
         return SemanticSegmentationResult(segmentation=_argmax_over_first_dim(scores), segmentation_scores=scores)
@@ -184,9 +244,12 @@ def _semantic_map_at(class_probs: torch.Tensor, mask_logits: torch.Tensor, size:
 def _max_over_first_dim(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`values.max(0)` of (C, H, W) as (best values, first index of the best), one (H, W) plane at a time.
 
-    A running maximum over planes that stay in cache beats torch's strided reduction over dim 0 by
-    about 2x on CPU; strict `>` keeps the first index on ties, as argmax does.
+    On CPU a running maximum over planes that stay in cache beats torch's strided reduction over dim 0
+    by about 2x; strict `>` keeps the first index on ties, as argmax does. Elsewhere (CUDA) one
+    reduction kernel beats a launch per plane; it also returns the first index of the maximum.
     """
+    if values.device.type != "cpu":
+        return values.max(dim=0)
     best = values[0].clone()
     index = torch.zeros(values.shape[1:], dtype=torch.int64, device=values.device)
     for plane_index in range(1, values.shape[0]):
@@ -263,22 +326,11 @@ def post_process_instance_segmentation(
     if return_coco_annotation and return_binary_maps:
         raise ValueError("return_coco_annotation and return_binary_maps can not be both set to True.")
     class_logits, mask_logits = _logits(outputs)
-    batch_size = class_logits.shape[0]
-    sizes = _check_target_sizes(target_sizes, batch_size)
+    sizes = _check_target_sizes(target_sizes, class_logits.shape[0])
+    working = _WorkingMasks(mask_logits, intermediate_size, sizes)
     results = []
-    for index in range(batch_size):
-        output_size = sizes[index] if sizes is not None else (
-            intermediate_size if intermediate_size is not None else tuple(mask_logits.shape[-2:]))
-        target_size = sizes[index] if sizes is not None else None
-        masks, labels, scores = _select_instances(
-            class_logits[index], mask_logits[index], threshold=threshold,
-            working_size=intermediate_size if intermediate_size is not None else target_size,
-            target_size=target_size,
-            mask_threshold=mask_threshold if use_mask_threshold else None)
-        if masks is None:
-            masks = torch.zeros((0, *output_size), dtype=torch.uint8, device=mask_logits.device)
-        segments = [{"id": segment_id, "label_id": label, "was_fused": False, "score": round(score, 6)}
-                    for segment_id, (label, score) in enumerate(zip(labels, scores))]
+    for masks, segments in _instances(class_logits, working, sizes, threshold=threshold,
+                                      mask_threshold=mask_threshold if use_mask_threshold else None):
         if return_binary_maps and segments:
             segmentation: Any = masks.to(torch.float32)
         else:
@@ -289,10 +341,31 @@ def post_process_instance_segmentation(
     return results
 
 
-def _select_instances(class_logits: torch.Tensor, mask_logits: torch.Tensor, *, threshold: float,
-                      working_size: tuple[int, int] | None, target_size: tuple[int, int] | None,
+def _instances(class_logits: torch.Tensor, working: _WorkingMasks, sizes: list[tuple[int, int]] | None, *,
+               threshold: float, mask_threshold: float | None) -> list[tuple[torch.Tensor, list[dict]]]:
+    """Per image (K, H, W) uint8 masks (K may be 0) and their segments_info, in the reference's order."""
+    results = []
+    for index in range(class_logits.shape[0]):
+        target_size = sizes[index] if sizes is not None else None
+        masks, labels, scores = _select_instances(class_logits[index], working.logits(index), working.probs(index),
+                                                  target_size=target_size, mask_threshold=mask_threshold,
+                                                  threshold=threshold)
+        if masks is None:
+            output_size = target_size if target_size is not None else working.size(index)
+            masks = torch.zeros((0, *output_size), dtype=torch.uint8, device=class_logits.device)
+        segments = [{"id": segment_id, "label_id": label, "was_fused": False, "score": round(score, 6)}
+                    for segment_id, (label, score) in enumerate(zip(labels, scores))]
+        results.append((masks, segments))
+    return results
+
+
+def _select_instances(class_logits: torch.Tensor, mask_logits: torch.Tensor, mask_probs: torch.Tensor, *,
+                      threshold: float, target_size: tuple[int, int] | None,
                       mask_threshold: float | None) -> tuple[torch.Tensor | None, list[int], list[float]]:
-    """One image's kept instances in the reference's order: (K, H, W) uint8 masks, labels, scores."""
+    """One image's kept instances in the reference's order: (K, H, W) uint8 masks, labels, scores.
+
+    mask_logits, mask_probs: (Q, h, w) at the working size.
+    """
     num_queries, num_classes = class_logits.shape[0], class_logits.shape[1] - 1
     class_probs = class_logits.softmax(dim=-1)[:, :-1]  # (Q, L)
     # Same call as the reference: its unsorted order is the segment order.
@@ -304,8 +377,7 @@ def _select_instances(class_logits: torch.Tensor, mask_logits: torch.Tensor, *, 
     if candidates.numel() == 0:
         return None, [], []
     queries, row_of_candidate = torch.unique(top_queries[candidates], return_inverse=True)
-    logits = _upsample_rows(mask_logits[queries], working_size)  # (U, h, w)
-    probs = logits.sigmoid()
+    logits, probs = mask_logits[queries], mask_probs[queries]  # (U, h, w)
     inside = (probs > mask_threshold if mask_threshold is not None else logits > 0).flatten(1)  # (U, h*w)
     # where(inside, p, 0) holds the same values as the reference's p * float(inside): same sums.
     areas = inside.sum(dim=1, dtype=torch.int32).to(probs.dtype)
@@ -361,26 +433,82 @@ def post_process_panoptic_segmentation(
         logger.warning("`label_ids_to_fuse` unset. No instance will be fused.")
         label_ids_to_fuse = set()
     class_logits, mask_logits = _logits(outputs)
+    sizes = _check_target_sizes(target_sizes, class_logits.shape[0])
+    return _panoptic(class_logits, _WorkingMasks(mask_logits, intermediate_size, sizes), sizes,
+                     threshold=threshold, mask_threshold=mask_threshold,
+                     overlap_mask_area_threshold=overlap_mask_area_threshold, label_ids_to_fuse=label_ids_to_fuse,
+                     unique_segment_ids=unique_segment_ids)
+
+
+def _panoptic(class_logits: torch.Tensor, working: _WorkingMasks, sizes: list[tuple[int, int]] | None, *,
+              threshold: float, mask_threshold: float, overlap_mask_area_threshold: float,
+              label_ids_to_fuse: set[int], unique_segment_ids: bool) -> list[dict]:
     batch_size, num_labels = class_logits.shape[0], class_logits.shape[-1] - 1
-    sizes = _check_target_sizes(target_sizes, batch_size)
     top_probs, top_labels = class_logits.softmax(dim=-1).max(-1)  # (B, Q) each
     results = []
     for index in range(batch_size):
+        target_size = sizes[index] if sizes is not None else None
         keep = top_labels[index].ne(num_labels) & (top_probs[index] > threshold)
         if not bool(keep.any()):
-            height, width = sizes[index] if sizes is not None else (
-                intermediate_size if intermediate_size is not None else tuple(mask_logits.shape[-2:]))
-            results.append({"segmentation": torch.full((height, width), -1.0, device=mask_logits.device),
+            height, width = target_size if target_size is not None else working.size(index)
+            results.append({"segmentation": torch.full((height, width), -1.0, device=class_logits.device),
                             "segments_info": []})
             continue
-        target_size = sizes[index] if sizes is not None else None
-        working_size = intermediate_size if intermediate_size is not None else target_size
-        mask_probs = _upsample_rows(mask_logits[index][keep], working_size).sigmoid()  # (K, h, w)
+        mask_probs = working.probs(index)[keep]  # (K, h, w), a copy: _compute_segments scales it in place
         scores, labels = top_probs[index][keep], top_labels[index][keep]
         segmentation, segments = _compute_segments(
             mask_probs, scores, labels, mask_threshold, overlap_mask_area_threshold, label_ids_to_fuse,
-            target_size if working_size != target_size else None, unique_segment_ids)
+            target_size if working.size(index) != target_size else None, unique_segment_ids)
         results.append({"segmentation": segmentation, "segments_info": segments})
+    return results
+
+
+# ----------------------------------------------------------------------------- several tasks at once
+TASKS = ("panoptic", "instance", "semantic")
+
+
+def post_process_tasks(
+    outputs: Any,
+    tasks: Sequence[str] = TASKS,
+    *,
+    threshold: float = 0.5,
+    mask_threshold: float = 0.5,
+    overlap_mask_area_threshold: float = 0.8,
+    label_ids_to_fuse: set[int] | None = None,
+    target_sizes: Sequence[tuple[int, int]] | None = None,
+    intermediate_size: tuple[int, int] | None = REFERENCE_INTERMEDIATE_SIZE,
+    unique_segment_ids: bool = False,
+    use_mask_threshold: bool = False,
+) -> list[dict[str, Any]]:
+    """Several tasks from one upsampling of the mask logits: per image {task: result}.
+
+    Each result equals what that task's own function returns for the same arguments (they share the
+    same code and the same working tensors): "panoptic" as `post_process_panoptic_segmentation`,
+    "semantic" as `post_process_semantic_segmentation` (the map), "instance" as
+    `post_process_instance_segmentation(return_binary_maps=True)` but with the masks as (K, H, W)
+    uint8 under "masks" (K may be 0) beside "segments_info".
+    """
+    unknown = [task for task in tasks if task not in TASKS]
+    if unknown or not tasks:
+        raise ValueError(f"tasks {list(tasks)}: choose one or more of {', '.join(TASKS)}")
+    class_logits, mask_logits = _logits(outputs)
+    sizes = _check_target_sizes(target_sizes, class_logits.shape[0])
+    working = _WorkingMasks(mask_logits, intermediate_size, sizes)
+    results: list[dict[str, Any]] = [{} for _ in range(class_logits.shape[0])]
+    if "panoptic" in tasks:
+        panoptic = _panoptic(class_logits, working, sizes, threshold=threshold, mask_threshold=mask_threshold,
+                             overlap_mask_area_threshold=overlap_mask_area_threshold,
+                             label_ids_to_fuse=set(label_ids_to_fuse or ()), unique_segment_ids=unique_segment_ids)
+        for result, image_result in zip(results, panoptic):
+            result["panoptic"] = image_result
+    if "instance" in tasks:
+        instances = _instances(class_logits, working, sizes, threshold=threshold,
+                               mask_threshold=mask_threshold if use_mask_threshold else None)
+        for result, (masks, segments) in zip(results, instances):
+            result["instance"] = {"masks": masks, "segments_info": segments}
+    if "semantic" in tasks:
+        for result, label_map in zip(results, _semantic_maps(class_logits, working, sizes, False)):
+            result["semantic"] = label_map
     return results
 
 

@@ -1,17 +1,16 @@
 """Loading the model checkpoint (a local or remote directory in transformers' layout) for the pipeline stages.
 
-The driver calls `validate_checkpoint` before any data moves, so a model that cannot load fails the job at
-once with a message naming the directory and the fix, instead of actors dying one after another.
+The driver resolves the model once before any data moves (`pipeline.model_spec.resolve_model`), so a model
+that cannot load fails the job at once with a message naming the directory and the fix, instead of actors
+dying one after another.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.storage import StorageConfig
 
-__all__ = ["ModelLoadError", "CheckpointInfo", "localize_checkpoint", "load_processor", "load_model",
-           "validate_checkpoint", "TORCH_DTYPES"]
+__all__ = ["ModelLoadError", "localize_checkpoint", "load_processor", "load_model", "TORCH_DTYPES"]
 
 TORCH_DTYPES = ("float32", "bfloat16", "float16")
 _REQUIRED_FILES = ("config.json", "preprocessor_config.json")
@@ -21,14 +20,8 @@ class ModelLoadError(RuntimeError):
     """The model directory cannot be used; the message names it and says what is wrong."""
 
 
-@dataclass(frozen=True)
-class CheckpointInfo:
-    local_dir: str
-    id2label: dict
-    num_labels: int
-
-
-def localize_checkpoint(model_uri: str, storage: StorageConfig) -> Path:
+def localize_checkpoint(model_uri: str, storage: StorageConfig, *,
+                        required_files: tuple[str, ...] = _REQUIRED_FILES) -> Path:
     """A local directory holding the checkpoint (downloaded once per machine when remote)."""
     try:
         local = storage.localize_directory(model_uri)
@@ -38,7 +31,7 @@ def localize_checkpoint(model_uri: str, storage: StorageConfig) -> Path:
     if not local.is_dir():
         raise ModelLoadError(f"model directory {model_uri} does not exist; pass --model with a folder holding "
                              "config.json, model.safetensors and preprocessor_config.json")
-    missing = [name for name in _REQUIRED_FILES if not (local / name).is_file()]
+    missing = [name for name in required_files if not (local / name).is_file()]
     if missing:
         raise ModelLoadError(f"model directory {model_uri} lacks {', '.join(missing)}; save the model and its "
                              "image processor there with save_pretrained()")
@@ -55,27 +48,15 @@ def load_processor(local_dir: Path):
                              f"{error}") from error
 
 
-def load_model(local_dir: Path, *, device: str = "cpu", dtype: str = "float32"):
-    """The model in eval mode on `device`, cast to `dtype`."""
+def load_model(local_dir: Path, *, device: str = "cpu", dtype: str = "float32", config=None):
+    """The model in eval mode on `device`, cast to `dtype`; `config` (a Mask2FormerConfig) instead of config.json."""
     import torch
     from m2f_model import Mask2FormerForUniversalSegmentation
 
     if dtype not in TORCH_DTYPES:
         raise ValueError(f"--dtype {dtype!r} is not one of {', '.join(TORCH_DTYPES)}")
     try:
-        model = Mask2FormerForUniversalSegmentation.from_pretrained(str(local_dir))
+        model = Mask2FormerForUniversalSegmentation.from_pretrained(str(local_dir), config=config)
     except Exception as error:  # noqa: BLE001
         raise ModelLoadError(f"cannot load the model from {local_dir}: {type(error).__name__}: {error}") from error
     return model.to(device=device, dtype=getattr(torch, dtype)).eval()
-
-
-def validate_checkpoint(model_uri: str, storage: StorageConfig) -> CheckpointInfo:
-    """Loads processor and model once on the driver; raises ModelLoadError with the reason if either fails."""
-    local = localize_checkpoint(model_uri, storage)
-    load_processor(local)
-    model = load_model(local)
-    id2label = {int(k): str(v) for k, v in (model.config.id2label or {}).items()}
-    num_labels = int(model.class_predictor.out_features - 1) if hasattr(model, "class_predictor") \
-        else len(id2label)
-    del model
-    return CheckpointInfo(local_dir=str(local), id2label=id2label, num_labels=num_labels)

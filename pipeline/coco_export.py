@@ -22,7 +22,7 @@ import pyarrow as pa
 from PIL import Image
 from pycocotools import mask as coco_mask
 
-from pipeline.postprocess import encode_mask
+from pipeline.rle import encode_mask
 from pipeline.records import IMAGES_SCHEMA, SEGMENTS_SCHEMA, table_from_records
 from pipeline.run_tables import RunTables, read_run_tables
 from pipeline.storage import StorageConfig, join_uri

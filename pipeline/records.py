@@ -1,8 +1,9 @@
 """Row schemas of the labeling pipeline: what crosses each stage boundary and what lands in Parquet.
 
 Every stage exchanges pyarrow tables with an explicit schema, so blocks never disagree on a column's type
-(an all-null column would otherwise become `null` in one block and `string` in the next). Dense arrays travel
-as raw float32 bytes plus their shape: flat primitive columns that Ray Data sizes correctly.
+(an all-null column would otherwise become `null` in one block and `string` in the next). No float tensor
+crosses a stage boundary: into the model stage go uint8 pixels (raw bytes plus their shape, flat primitive
+columns that Ray Data sizes correctly), out of it per segment only ids, label, score and run lengths.
 """
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ import numpy as np
 import pyarrow as pa
 
 __all__ = [
-    "TASKS", "ERROR_STAGES", "LISTED_SCHEMA", "FETCHED_SCHEMA", "PREPROCESSED_SCHEMA", "PREDICTED_SCHEMA",
+    "TASKS", "ERROR_STAGES", "LISTED_SCHEMA", "FETCHED_SCHEMA", "PREPROCESSED_SCHEMA", "SEGMENTED_SCHEMA",
     "SEGMENTS_SCHEMA", "IMAGES_SCHEMA", "StageError", "SegmentRecord", "ImageRecord", "pack_array",
-    "unpack_array", "table_from_records",
+    "binary_column_views", "table_from_records",
 ]
 
 TASKS: tuple[str, ...] = ("panoptic", "instance", "semantic")
@@ -34,19 +35,23 @@ PREPROCESSED_SCHEMA = pa.schema([
     *LISTED_SCHEMA,
     pa.field("height", pa.int32()),
     pa.field("width", pa.int32()),
-    pa.field("pixel_values", pa.large_binary()),  # float32 (3, H', W'), C order
+    pa.field("pixels", pa.large_binary()),  # uint8 (3, H', W'), C order: resized, not yet normalised
     pa.field("pixel_shape", pa.list_(pa.int32())),
     *_ERROR_FIELDS,
 ])
 
-PREDICTED_SCHEMA = pa.schema([
+# One row per image; the segment_* lists run in parallel, one entry per segment of every task.
+SEGMENTED_SCHEMA = pa.schema([
     *LISTED_SCHEMA,
     pa.field("height", pa.int32()),
     pa.field("width", pa.int32()),
-    pa.field("class_logits", pa.large_binary()),  # float32 (queries, labels + 1)
-    pa.field("class_shape", pa.list_(pa.int32())),
-    pa.field("mask_logits", pa.large_binary()),  # float32 (queries, H'/4, W'/4)
-    pa.field("mask_shape", pa.list_(pa.int32())),
+    pa.field("segment_task", pa.list_(pa.string())),
+    pa.field("segment_id", pa.list_(pa.int32())),
+    pa.field("segment_label_id", pa.list_(pa.int32())),
+    pa.field("segment_score", pa.list_(pa.float32())),  # null entries for semantic segments
+    pa.field("segment_was_fused", pa.list_(pa.bool_())),
+    pa.field("segment_runs", pa.list_(pa.int32())),  # how many run lengths each segment has
+    pa.field("run_lengths", pa.large_binary()),  # uint32, every segment's column-major COCO run lengths in turn
     *_ERROR_FIELDS,
 ])
 
@@ -147,15 +152,25 @@ class ImageRecord:
     run_id: str = ""
 
 
-def pack_array(array: np.ndarray) -> tuple[bytes, list[int]]:
-    """A float32 array as (C-order bytes, shape) for a binary column."""
-    contiguous = np.ascontiguousarray(array, dtype=np.float32)
+def pack_array(array: np.ndarray, dtype=np.uint8) -> tuple[bytes, list[int]]:
+    """An array as (C-order bytes of `dtype`, shape) for a binary column."""
+    contiguous = np.ascontiguousarray(array, dtype=dtype)
     return contiguous.tobytes(), list(contiguous.shape)
 
 
-def unpack_array(data: bytes, shape: list[int]) -> np.ndarray:
-    """The inverse of `pack_array`; the result is a fresh writable array."""
-    return np.frombuffer(data, dtype=np.float32).reshape(shape).copy()
+def binary_column_views(column: pa.ChunkedArray | pa.Array, dtype=np.uint8) -> list[np.ndarray | None]:
+    """Each value of a (large_)binary column as a flat read-only numpy view of `dtype`, without copying."""
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    views: list[np.ndarray | None] = []
+    for chunk in chunks:
+        offsets_buffer, data_buffer = chunk.buffers()[1:3]
+        offset_type = np.int64 if pa.types.is_large_binary(chunk.type) else np.int32
+        offsets = np.frombuffer(offsets_buffer, dtype=offset_type)[chunk.offset:chunk.offset + len(chunk) + 1]
+        data = np.frombuffer(data_buffer, dtype=np.uint8) if data_buffer is not None else np.zeros(0, np.uint8)
+        valid = chunk.is_valid().to_numpy(zero_copy_only=False)
+        for index in range(len(chunk)):
+            views.append(data[offsets[index]:offsets[index + 1]].view(dtype) if valid[index] else None)
+    return views
 
 
 def table_from_records(records: list, schema: pa.Schema) -> pa.Table:

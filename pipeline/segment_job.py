@@ -20,15 +20,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from pipeline.checkpoint import TORCH_DTYPES, validate_checkpoint
+from pipeline.checkpoint import TORCH_DTYPES
 from pipeline.cli import POSTPROCESS_DEFAULTS, label_ids_argument, tasks_argument
 from pipeline.decode import DEFAULT_MAX_IMAGE_PIXELS
-from pipeline.inference import InferenceStage
+from pipeline.device_postprocess import PostprocessSettings
+from pipeline.inference import COMPILE_PROGRESS_KEY, CONCURRENT_CALLS, InferenceStage, default_batch_size
 from pipeline.listing import IMAGE_EXTENSIONS, list_inputs
 from pipeline.local_ray import REPO_ROOT, connect_ray
 from pipeline.overlays import OVERLAYS_DIR, write_overlays
+from pipeline.model_spec import ModelSpec, resolve_model
 from pipeline.pools import PoolPlan, alive_nodes, plan_pools
-from pipeline.postprocess import PostprocessSettings, PostprocessStage
+from pipeline.postprocess import PostprocessStage
 from pipeline.preprocess import PreprocessStage
 from pipeline.progress import StallWatchdog, start_progress_tracker
 from pipeline.read import DEFAULT_MAX_OBJECT_BYTES, read_objects
@@ -62,11 +64,12 @@ class SegmentationOptions:
     mask_threshold: float = POSTPROCESS_DEFAULTS["mask_threshold"]
     overlap_threshold: float = POSTPROCESS_DEFAULTS["overlap_threshold"]
     label_ids_to_fuse: tuple[int, ...] = ()
-    batch_size: int = 4
+    batch_size: int | None = None  # None: chosen for the device (16 on a GPU, 4 on CPU)
     preprocess_actors: int | None = None
     model_actors: int | None = None
     postprocess_actors: int | None = None
-    dtype: str = "float32"
+    dtype: str | None = None  # None: bfloat16 on a GPU, float32 on CPU
+    compile: bool = False  # torch.compile the model in each model actor (compile time in the report)
     limit: int | None = None
     resume: bool = False
     overwrite: bool = False
@@ -92,9 +95,9 @@ class SegmentationOptions:
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"--{name.replace('_', '-')} {value} is outside [0, 1]; it is compared with "
                                  "probabilities")
-        if self.dtype not in TORCH_DTYPES:
+        if self.dtype is not None and self.dtype not in TORCH_DTYPES:
             raise ValueError(f"--dtype {self.dtype!r}: choose one of {', '.join(TORCH_DTYPES)}")
-        if self.batch_size < 1 or self.images_per_file < 1:
+        if (self.batch_size is not None and self.batch_size < 1) or self.images_per_file < 1:
             raise ValueError("--batch-size and --images-per-file must be at least 1")
         if self.limit is not None and self.limit < 0:
             raise ValueError("--limit must be 0 or more")
@@ -122,7 +125,7 @@ def run_segmentation(options: SegmentationOptions | dict) -> dict:
     options = options.validated()
     storage = StorageConfig.resolve(options.storage_options)
     run_id = new_run_id()
-    checkpoint = validate_checkpoint(options.model, storage)  # fails at once on a broken model
+    spec = resolve_model(options.model, storage)  # fails at once on a broken model
     _prepare_output(options, storage)
 
     listed = list_inputs(options.input, storage, extensions=options.extensions, limit=options.limit)
@@ -136,14 +139,14 @@ def run_segmentation(options: SegmentationOptions | dict) -> dict:
     logger.info("run %s: %d inputs listed, %d already done, %d to label", run_id, listed.num_rows,
                 listed.num_rows - pending.num_rows, pending.num_rows)
 
-    plan, tally, pipeline_started, pipeline_seconds = None, ResultTally(), 0.0, 0.0
+    plan, tally, pipeline_started, pipeline_seconds, model_stats = None, ResultTally(), 0.0, 0.0, {}
     if pending.num_rows:
         started_ray = connect_ray(options.ray_address)
         try:
             plan = plan_pools(alive_nodes(ray.nodes()), preprocess_actors=options.preprocess_actors,
                               model_actors=options.model_actors, postprocess_actors=options.postprocess_actors)
             pipeline_started = time.monotonic()
-            tally = _run_pipeline(pending, options, storage, plan, run_id)
+            tally = _run_pipeline(pending, options, storage, plan, run_id, spec, model_stats)
             pipeline_seconds = time.monotonic() - pipeline_started
         finally:
             if started_ray:
@@ -154,8 +157,9 @@ def run_segmentation(options: SegmentationOptions | dict) -> dict:
         else compact(options.output, storage, bookkeeping_columns)
     overlay_uris = _write_overlays(options, storage, final) if options.overlays else []
     wall = time.monotonic() - started
-    report = _build_report(options, storage, run_id, checkpoint.id2label, plan, listed, pending, tally,
+    report = _build_report(options, storage, run_id, spec.id2label, plan, listed, pending, tally,
                            final.images, wall, pipeline_started, pipeline_seconds, overlay_uris)
+    report.update(model_id=spec.model_id, **model_stats)
     report["report_uri"] = write_json(options.output, storage, "report.json", json.dumps(report, indent=2))
     return report
 
@@ -181,8 +185,10 @@ def _input_blocks(pending: pa.Table, batch_size: int) -> list[pa.Table]:
 
 
 def _run_pipeline(pending: pa.Table, options: SegmentationOptions, storage: StorageConfig, plan: PoolPlan,
-                  run_id: str) -> ResultTally:
-    """Runs the Ray Data chain over `pending` and returns the counts of the images rows the writers committed."""
+                  run_id: str, spec: ModelSpec, model_stats: dict) -> ResultTally:
+    """Runs the Ray Data chain over `pending` and returns the counts of the images rows the writers committed.
+
+    Fills `model_stats` with what the model actors report (batch size, compile time)."""
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = options.show_progress
     tracker = start_progress_tracker()
@@ -190,30 +196,37 @@ def _run_pipeline(pending: pa.Table, options: SegmentationOptions, storage: Stor
                                    mask_threshold=options.mask_threshold,
                                    overlap_threshold=options.overlap_threshold,
                                    label_ids_to_fuse=options.label_ids_to_fuse)
-    common = {"model_uri": options.model, "storage": storage, "tracker": tracker}
-    model_resources = {"num_cpus": plan.model_cpus}
+    batch_size = options.batch_size or default_batch_size(bool(plan.model_gpus))
+    model_stats["batch_size"] = batch_size
+    model_resources = {"num_cpus": plan.model_cpus,
+                       "memory": _model_actor_memory(spec, batch_size, with_gpu=bool(plan.model_gpus),
+                                                     model_actors=plan.model_actors)}
     if plan.model_gpus:
         model_resources["num_gpus"] = plan.model_gpus
 
     dataset = (
-        ray.data.from_arrow(_input_blocks(pending, options.batch_size))
-        .map_batches(read_objects, batch_format="pyarrow", batch_size=options.batch_size,
+        ray.data.from_arrow(_input_blocks(pending, batch_size))
+        .map_batches(read_objects, batch_format="pyarrow", batch_size=batch_size,
                      num_cpus=plan.read_task_cpus,
                      fn_kwargs={"storage": storage, "max_object_bytes": options.max_object_bytes,
                                 "tracker": tracker})
-        .map_batches(PreprocessStage, batch_format="pyarrow", batch_size=options.batch_size,
+        .map_batches(PreprocessStage, batch_format="pyarrow", batch_size=batch_size,
                      compute=ray.data.ActorPoolStrategy(size=plan.preprocess_actors),
                      num_cpus=plan.preprocess_cpus,
-                     fn_constructor_kwargs={**common, "max_image_pixels": options.max_image_pixels})
-        .map_batches(InferenceStage, batch_format="pyarrow", batch_size=options.batch_size,
-                     compute=ray.data.ActorPoolStrategy(size=plan.model_actors), **model_resources,
-                     fn_constructor_kwargs={**common, "dtype": options.dtype,
-                                            "torch_threads": plan.model_torch_threads})
+                     fn_constructor_kwargs={"spec": spec, "max_image_pixels": options.max_image_pixels,
+                                            "tracker": tracker})
+        .map_batches(InferenceStage, batch_format="pyarrow", batch_size=batch_size,
+                     compute=ray.data.ActorPoolStrategy(size=plan.model_actors, enable_true_multi_threading=True,
+                                                        max_concurrent_calls_per_actor=CONCURRENT_CALLS),
+                     **model_resources,
+                     fn_constructor_kwargs={"spec": spec, "storage": storage, "settings": settings,
+                                            "dtype": options.dtype, "compile": options.compile,
+                                            "torch_threads": plan.model_torch_threads, "tracker": tracker})
         .map_batches(PostprocessStage, batch_format="pyarrow", batch_size=options.images_per_file,
                      compute=ray.data.ActorPoolStrategy(size=plan.postprocess_actors),
                      num_cpus=plan.postprocess_cpus,
-                     fn_constructor_kwargs={**common, "output_uri": options.output, "settings": settings,
-                                            "model_name": options.model, "run_id": run_id})
+                     fn_constructor_kwargs={"spec": spec, "storage": storage, "output_uri": options.output,
+                                            "tasks": options.tasks, "run_id": run_id, "tracker": tracker})
     )
     watchdog = StallWatchdog(tracker, expected=pending.num_rows, stall_timeout=options.stall_timeout)
     watchdog.start()
@@ -241,7 +254,23 @@ def _run_pipeline(pending: pa.Table, options: SegmentationOptions, storage: Stor
         watchdog.stop()
     if failures:
         raise failures[0]
+    counts, _ = ray.get(tracker.snapshot.remote())
+    if COMPILE_PROGRESS_KEY in counts:
+        model_stats["compile_s"] = round(counts[COMPILE_PROGRESS_KEY] / 1000, 3)
     return tally
+
+
+def _model_actor_memory(spec: ModelSpec, batch_size: int, *, with_gpu: bool, model_actors: int) -> int:
+    """Host memory a model actor declares to Ray (bytes), so its memory monitor expects what the actor uses.
+
+    Weights twice (loaded, then moved or cast), the torch runtime (~1.5 GiB, CUDA context included) and,
+    on CPU, activations of the forward pass (~0.4 GiB per 800x1088 image for Swin-T); never more than half
+    the cluster's memory per actor, so the request cannot make the actor unschedulable on a small machine.
+    """
+    gib = 1024 ** 3
+    wanted = 2 * spec.weights_bytes + int(1.5 * gib) + (0 if with_gpu else int(0.4 * gib) * batch_size)
+    available = ray.cluster_resources().get("memory", wanted * model_actors * 2)
+    return int(min(wanted, available / (2 * model_actors)))
 
 
 def _write_overlays(options: SegmentationOptions, storage: StorageConfig, final: CompactionResult) -> list[str]:

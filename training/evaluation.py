@@ -14,20 +14,19 @@ from __future__ import annotations
 import json
 import posixpath
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
 from pycocotools import mask as mask_utils
 
-from pipeline.checkpoint import load_model, load_processor, localize_checkpoint
 from pipeline.coco_export import read_coco_export
-from pipeline.decode import decode_image
-from pipeline.inference import group_by_shape, run_model
-from pipeline.postprocess import PostprocessSettings, predict_segments as postprocess_segments, read_id2label, \
-    segment_records
-from pipeline.preprocess import preprocess_image
-from pipeline.records import SEGMENTS_SCHEMA, TASKS, table_from_records
+from pipeline.device_postprocess import PostprocessSettings
+from pipeline.inference import InferenceStage
+from pipeline.model_spec import resolve_model
+from pipeline.postprocess import segment_records
+from pipeline.preprocess import PreprocessStage
+from pipeline.records import FETCHED_SCHEMA, SEGMENTS_SCHEMA, TASKS, binary_column_views, table_from_records
 from pipeline.run_tables import read_run_tables
 from pipeline.storage import StorageConfig
 from training.metrics import (PanopticSegment, SemanticConfusion, accumulate_panoptic_stats, mask_average_precision,
@@ -134,43 +133,28 @@ def image_key(uri_or_file_name: str) -> str:
 def predict_segments(model_uri: str, ground_truth: GroundTruthSplit, *, settings: PostprocessSettings,
                      storage: StorageConfig | None = None, batch_size: int = 8, device: str = "cpu",
                      dtype: str = "float32") -> Predictions:
-    """Runs the model in `model_uri` on every image of the split, as the labeling job does: same decoding,
-    preprocessing, batches of one pixel shape only (padding would change results), post-processing and RLE."""
-    import torch
-
+    """Runs the model in `model_uri` on every image of the split through the labeling job's own stages (decode +
+    resize, normalise + forward + post-processing on `device`, RLE), so scores here and a run's tables agree."""
     storage = storage or ground_truth.location.storage
-    local = localize_checkpoint(model_uri, storage)
-    processor = load_processor(local)
-    model = load_model(local, device=device, dtype=dtype)
-    id2label = read_id2label(local)
-    torch_dtype = getattr(torch, dtype)
+    spec = resolve_model(model_uri, storage)
+    preprocess = PreprocessStage(spec=spec)
+    inference = InferenceStage(spec=spec, storage=storage, settings=settings, dtype=dtype, device=device)
     records = []
     images = list(ground_truth.images)
     for start in range(0, len(images), batch_size):
-        chosen = images[start:start + batch_size]
-        decoded = [decode_image(storage.read_bytes(ground_truth.image_uri(image))) for image in chosen]
-        pixels = [preprocess_image(processor, image) for image in decoded]  # (3, H', W') each
-        for indices in group_by_shape([p.shape for p in pixels]).values():
-            class_logits, mask_logits = run_model(model, np.stack([pixels[i] for i in indices]), device=device,
-                                                  dtype=torch_dtype)
-            for position, index in enumerate(indices):
-                width, height = decoded[index].size
-                records.extend(_image_segments(processor, class_logits[position], mask_logits[position],
-                                               image_uri=ground_truth.image_uri(chosen[index]),
-                                               image_id=chosen[index]["file_name"], height=height, width=width,
-                                               settings=settings, id2label=id2label, model=model_uri))
+        fetched = pa.Table.from_pylist(
+            [{"image_uri": ground_truth.image_uri(image), "image_id": image["file_name"],
+              "data": storage.read_bytes(ground_truth.image_uri(image))} for image in images[start:start + batch_size]],
+            schema=FETCHED_SCHEMA)
+        segmented = inference(preprocess(fetched))
+        run_lengths = binary_column_views(segmented.column("run_lengths"), np.uint32)
+        for row, runs in zip(segmented.drop_columns(["run_lengths"]).to_pylist(), run_lengths):
+            if row["error_stage"]:
+                raise ValueError(f"{row['image_uri']}: {row['error_stage']} failed: {row['error_message']}")
+            records.extend(segment_records(row, runs, id2label=spec.id2label, model=spec.model_id,
+                                           run_id="evaluation"))
     return Predictions(segments=table_from_records(records, SEGMENTS_SCHEMA),
                        labeled_image_uris={ground_truth.image_uri(image) for image in images})
-
-
-def _image_segments(processor: Any, class_logits: np.ndarray, mask_logits: np.ndarray, *, image_uri: str,
-                    image_id: str, height: int, width: int, settings: PostprocessSettings,
-                    id2label: Mapping[int, str], model: str) -> list:
-    """The labeling job's post-processing of one image (the only place evaluation calls it)."""
-    return segment_records(
-        postprocess_segments(processor, class_logits, mask_logits, height=height, width=width, settings=settings),
-        image_uri=image_uri, image_id=image_id, height=height, width=width, id2label=dict(id2label), model=model,
-        run_id="evaluation")
 
 
 def read_run_predictions(output_uri: str, *, storage: StorageConfig | None = None) -> Predictions:

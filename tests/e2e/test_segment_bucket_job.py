@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import threading
@@ -147,7 +148,9 @@ def assert_segments_table(segments, image_rows: dict, *, model: str, tasks=TASKS
         assert row["area"] == int(mask.sum()) > 0
         assert np.allclose(row["bbox"], coco_mask.toBbox(
             {"size": list(row["rle_size"]), "counts": row["rle_counts"].encode("ascii")}))
-        assert row["model"] == model and row["run_id"] == image["run_id"]
+        # A stable model id, not a path: the model folder's name and a digest of its weights.
+        assert re.fullmatch(re.escape(model.rstrip("/").rsplit("/", 1)[-1]) + r"@[0-9a-f]{12}", row["model"]), row["model"]
+        assert row["run_id"] == image["run_id"]
         assert (row["score"] is None) == (row["task"] == "semantic")
         counted[(row["image_uri"], row["task"])] = counted.get((row["image_uri"], row["task"]), 0) + 1
     for uri, image in image_rows.items():

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.checkpoint import validate_checkpoint
+from pipeline.model_spec import resolve_model
 from pipeline.listing import list_inputs
 from pipeline.storage import StorageConfig
 from tiny_checkpoints import save_tiny_checkpoint
@@ -80,7 +80,7 @@ def test_every_job_reaches_the_endpoint_with_each_form_of_the_settings(form, s3_
                                                  f"s3://{bucket}/model", *flags]).validated()
     storage = StorageConfig.resolve(options.storage_options)
     assert list_inputs(options.input, storage).num_rows == 3
-    assert validate_checkpoint(options.model, storage).id2label[3] == "sky"
+    assert resolve_model(options.model, storage).id2label[3] == "sky"
 
     # finetune: the data, --init-from and the checkpoint storage of Ray Train.
     args = _job("finetune").parse_args(["--data", f"s3://{bucket}/data", "--init-from", f"s3://{bucket}/model",

@@ -1,5 +1,6 @@
 """Batching never changes an image's result: what the stages produce for an image inside a mixed batch equals
-single-image inference (the model ignores pixel_mask, so padding a small image into a batch would not)."""
+single-image inference + post-processing (the model ignores pixel_mask, so padding a small image into a batch
+would not); only uint8 pixels go into the model stage and only run lengths come out."""
 from __future__ import annotations
 
 import functools
@@ -11,9 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
+from pipeline.device_postprocess import PostprocessSettings, segment_batch
 from pipeline.inference import InferenceStage, group_by_shape
+from pipeline.model_spec import resolve_model
 from pipeline.preprocess import PreprocessStage
-from pipeline.records import FETCHED_SCHEMA, unpack_array
+from pipeline.records import FETCHED_SCHEMA
 from pipeline.storage import StorageConfig
 from pipeline_test_images import image_bytes, random_rgb
 
@@ -21,6 +24,12 @@ STORAGE = StorageConfig.resolve({}, environ={})
 # (height, width): with shortest_edge 64 / longest 128 / divisor 32 these resize to three different shapes,
 # and the first and last share one.
 SIZES = [(50, 70), (80, 60), (64, 64), (45, 66)]
+SETTINGS = PostprocessSettings(threshold=0.05, mask_threshold=0.5, overlap_threshold=0.2)
+
+
+def stages(checkpoint):
+    spec = resolve_model(str(checkpoint), STORAGE)
+    return PreprocessStage(spec=spec), InferenceStage(spec=spec, storage=STORAGE, settings=SETTINGS)
 
 
 @pytest.fixture(scope="module")
@@ -44,11 +53,12 @@ def load_direct_model(checkpoint: str):
             Mask2FormerForUniversalSegmentation.from_pretrained(checkpoint).eval())
 
 
-def single_image_logits(checkpoint, image: Image.Image) -> tuple[np.ndarray, np.ndarray]:
+def single_image_segments(checkpoint, image: Image.Image):
     processor, model = load_direct_model(str(checkpoint))
     with torch.inference_mode():
         outputs = model(pixel_values=processor(images=[image], return_tensors="pt")["pixel_values"])
-    return outputs.class_queries_logits[0].numpy(), outputs.masks_queries_logits[0].numpy()
+    return segment_batch(outputs.class_queries_logits, outputs.masks_queries_logits, [(image.height, image.width)],
+                         SETTINGS)[0]
 
 
 def fetched_batch(images: list[np.ndarray]) -> pa.Table:
@@ -64,19 +74,24 @@ def test_group_by_shape_keeps_first_appearance_order_and_skips_failed_rows():
 
 def test_each_image_in_a_mixed_batch_gets_its_single_image_result(aspect_preserving_checkpoint):
     arrays = [random_rgb(h, w, seed=i) for i, (h, w) in enumerate(SIZES)]
-    preprocess = PreprocessStage(model_uri=str(aspect_preserving_checkpoint), storage=STORAGE)
-    inference = InferenceStage(model_uri=str(aspect_preserving_checkpoint), storage=STORAGE)
+    preprocess, inference = stages(aspect_preserving_checkpoint)
     preprocessed = preprocess(fetched_batch(arrays))
+    assert preprocessed.schema.field("pixels").type == pa.large_binary()
     shapes = [tuple(s) for s in preprocessed["pixel_shape"].to_pylist()]
     assert len(set(shapes)) == 3 and shapes[0] == shapes[3], "the batch must mix shapes for this test"
-    predicted = inference(preprocessed).to_pylist()
-    for array, row in zip(arrays, predicted):
+    assert [len(p) for p in preprocessed["pixels"].to_pylist()] == [int(np.prod(s)) for s in shapes], "uint8"
+    segmented = inference(preprocessed)
+    assert not any("float" in str(field.type) and "list" not in str(field.type) for field in segmented.schema)
+    for array, row in zip(arrays, segmented.to_pylist()):
         assert (row["height"], row["width"]) == array.shape[:2]
-        expected_class, expected_masks = single_image_logits(aspect_preserving_checkpoint, Image.fromarray(array))
-        np.testing.assert_allclose(unpack_array(row["class_logits"], row["class_shape"]), expected_class,
-                                   rtol=0, atol=1e-5)
-        np.testing.assert_allclose(unpack_array(row["mask_logits"], row["mask_shape"]), expected_masks,
-                                   rtol=0, atol=1e-5)
+        expected = single_image_segments(aspect_preserving_checkpoint, Image.fromarray(array))
+        assert row["segment_task"] == expected.task and row["segment_id"] == expected.segment_id
+        assert row["segment_label_id"] == expected.label_id
+        np.testing.assert_allclose([s or 0 for s in row["segment_score"]], [s or 0 for s in expected.score],
+                                   atol=1e-5)
+        runs = np.frombuffer(row["run_lengths"], np.uint32)
+        assert np.array_equal(runs, np.concatenate(expected.run_lengths))
+        assert row["segment_runs"] == [len(r) for r in expected.run_lengths]
 
 
 def test_padding_into_a_larger_batch_would_change_the_result(aspect_preserving_checkpoint):
@@ -86,16 +101,17 @@ def test_padding_into_a_larger_batch_would_change_the_result(aspect_preserving_c
     padded = processor(images=[small, large], return_tensors="pt")["pixel_values"]
     with torch.inference_mode():
         padded_logits = model(pixel_values=padded).class_queries_logits[0].numpy()
-    alone_logits, _ = single_image_logits(aspect_preserving_checkpoint, small)
+    with torch.inference_mode():
+        alone_logits = model(pixel_values=processor(images=[small], return_tensors="pt")["pixel_values"]
+                             ).class_queries_logits[0].numpy()
     assert np.abs(padded_logits - alone_logits).max() > 1e-3
 
 
 def test_failed_rows_pass_through_inference_untouched(tiny_checkpoint):
-    preprocess = PreprocessStage(model_uri=str(tiny_checkpoint), storage=STORAGE)
-    inference = InferenceStage(model_uri=str(tiny_checkpoint), storage=STORAGE)
+    preprocess, inference = stages(tiny_checkpoint)
     batch = fetched_batch([random_rgb(30, 30)])
     broken = pa.Table.from_pylist([{**batch.to_pylist()[0], "image_uri": "/bad.png", "data": b"not an image"}],
                                   schema=FETCHED_SCHEMA)
-    predicted = inference(preprocess(pa.concat_tables([broken, batch]))).to_pylist()
-    assert predicted[0]["error_stage"] == "decode" and predicted[0]["class_logits"] is None
-    assert predicted[1]["error_stage"] is None and predicted[1]["class_logits"] is not None
+    segmented = inference(preprocess(pa.concat_tables([broken, batch]))).to_pylist()
+    assert segmented[0]["error_stage"] == "decode" and segmented[0]["run_lengths"] is None
+    assert segmented[1]["error_stage"] is None and segmented[1]["run_lengths"] is not None

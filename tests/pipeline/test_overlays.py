@@ -5,7 +5,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.overlays import render_overlay
-from pipeline.postprocess import encode_mask
+from pipeline.rle import encode_mask
 
 
 def test_overlay_tints_only_segment_pixels_and_keeps_the_image_size():

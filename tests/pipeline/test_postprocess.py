@@ -1,121 +1,181 @@
-"""Post-processing: COCO RLE round trips at the original size, and segments of all three tasks from one forward."""
+"""Post-processing on the model's device: segments of every task equal m2f_model's three post-processors for the
+same logits on the same device (ids, labels, scores, masks), run lengths give pycocotools' own RLE, and the
+write stage's rows decode back to those masks."""
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from pycocotools import mask as coco_mask
 
-from pipeline.postprocess import PostprocessSettings, encode_mask, predict_segments, segment_records
-from pipeline_test_images import random_rgb
+from m2f_model import post_processing
+from pipeline.device_postprocess import PostprocessSettings, segment_batch
+from pipeline.postprocess import segment_records
+from pipeline.rle import encode_mask, encode_run_lengths, mask_run_lengths
 
-# A random tiny model scores classes near 1/6 and panoptic weighs mask probabilities by that score: low
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# Random logits score classes near 1/labels and panoptic weighs mask probabilities by that score: low
 # thresholds keep segments in every task.
-LOW = {"threshold": 0.05, "mask_threshold": 0.1, "overlap_threshold": 0.5}
+LOW = {"threshold": 0.05, "mask_threshold": 0.5, "overlap_threshold": 0.2}
+TARGET_SIZES = [(50, 70), (33, 41)]
+
+
+def random_outputs(seed: int, *, batch: int = 2, queries: int = 10, labels: int = 6, height: int = 24,
+                   width: int = 32, device: str = "cpu") -> SimpleNamespace:
+    """Logits shaped like a model's, with confident queries and smooth masks, so every task has segments."""
+    generator = torch.Generator().manual_seed(seed)
+    class_logits = torch.randn(batch, queries, labels + 1, generator=generator)
+    chosen = torch.randint(0, labels, (batch, queries), generator=generator)
+    confident = (torch.rand(batch, queries, generator=generator) < 0.5).float() * 6.0
+    class_logits.scatter_add_(2, chosen[..., None], confident[..., None])
+    coarse = torch.randn(batch * queries, 1, height // 4, width // 4, generator=generator)
+    smooth = torch.nn.functional.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False)
+    mask_logits = 3.0 * smooth.view(batch, queries, height, width) + 0.5 * torch.randn(
+        batch, queries, height, width, generator=generator)
+    return SimpleNamespace(class_queries_logits=class_logits.to(device), masks_queries_logits=mask_logits.to(device))
+
+
+def expected_segments(outputs, sizes, settings: PostprocessSettings) -> list[dict]:
+    """Per image {(task, segment_id): (label_id, score, mask)} from the three public post-processors, each image
+    post-processed alone (as single-image inference would)."""
+    images = []
+    for index, size in enumerate(sizes):
+        alone = SimpleNamespace(class_queries_logits=outputs.class_queries_logits[index:index + 1],
+                                masks_queries_logits=outputs.masks_queries_logits[index:index + 1])
+        common = {"threshold": settings.threshold, "mask_threshold": settings.mask_threshold,
+                  "overlap_mask_area_threshold": settings.overlap_threshold, "target_sizes": [size]}
+        panoptic = post_processing.post_process_panoptic_segmentation(
+            alone, label_ids_to_fuse=set(settings.label_ids_to_fuse), unique_segment_ids=True, **common)[0]
+        instance = post_processing.post_process_instance_segmentation(alone, return_binary_maps=True, **common)[0]
+        semantic = post_processing.post_process_semantic_segmentation(alone, target_sizes=[size])[0]
+        segments = {}
+        panoptic_map = panoptic["segmentation"].cpu().numpy()
+        for info in panoptic["segments_info"]:
+            previous = segments.get(("panoptic", info["id"]))
+            score = info["score"] if previous is None else max(previous[1], info["score"])
+            segments[("panoptic", info["id"])] = (info["label_id"], score, panoptic_map == info["id"])
+        maps = instance["segmentation"].cpu().numpy()
+        for position, info in enumerate(instance["segments_info"]):
+            segments[("instance", info["id"])] = (info["label_id"], info["score"], maps[position] > 0.5)
+        label_map = semantic.cpu().numpy()
+        for label in np.unique(label_map):
+            segments[("semantic", int(label))] = (int(label), None, label_map == label)
+        images.append(segments)
+    return images
+
+
+def decoded(runs: np.ndarray, height: int, width: int) -> np.ndarray:
+    rle = coco_mask.frPyObjects([{"size": [height, width], "counts": runs}], height, width)[0]
+    return coco_mask.decode(rle).astype(bool)
+
+
+def assert_segments_equal(images, expected) -> None:
+    for image, wanted in zip(images, expected):
+        got = {}
+        for k, task in enumerate(image.task):
+            got[(task, image.segment_id[k])] = (image.label_id[k], image.score[k],
+                                                decoded(image.run_lengths[k], image.height, image.width))
+        assert sorted(got) == sorted(wanted)
+        for key, (label_id, score, mask) in wanted.items():
+            assert got[key][0] == label_id and got[key][1] == score, key
+            assert np.array_equal(got[key][2], mask), key
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("seed, fuse", [(0, ()), (1, (0, 1, 2)), (2, (3,))])
+def test_segments_equal_the_three_post_processors_on_the_same_device(device, seed, fuse):
+    outputs = random_outputs(seed, device=device)
+    settings = PostprocessSettings(**LOW, label_ids_to_fuse=fuse)
+    images = segment_batch(outputs.class_queries_logits, outputs.masks_queries_logits, TARGET_SIZES, settings)
+    expected = expected_segments(outputs, TARGET_SIZES, settings)
+    assert all({task for task, _ in image} == {"panoptic", "instance", "semantic"} for image in expected)
+    assert_segments_equal(images, expected)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_coco_shaped_head_segments_equal_the_post_processors(device):
+    # 100 queries and 133 labels, as a COCO panoptic checkpoint; default thresholds.
+    outputs = random_outputs(5, batch=2, queries=100, labels=133, height=48, width=64, device=device)
+    outputs.class_queries_logits[:, :, :-1] *= 3.0
+    settings = PostprocessSettings(threshold=0.3)
+    images = segment_batch(outputs.class_queries_logits, outputs.masks_queries_logits, [(96, 128), (61, 77)],
+                           settings)
+    expected = expected_segments(outputs, [(96, 128), (61, 77)], settings)
+    assert sum(task == "instance" for image in expected for task, _ in image) > 0
+    assert_segments_equal(images, expected)
+
+
+def test_tasks_option_limits_what_is_produced():
+    outputs = random_outputs(0)
+    images = segment_batch(outputs.class_queries_logits, outputs.masks_queries_logits, TARGET_SIZES,
+                           PostprocessSettings(tasks=("semantic",), **LOW))
+    assert all(set(image.task) == {"semantic"} and all(s is None for s in image.score) for image in images)
+
+
+def test_a_reused_fused_id_never_gives_two_labels_one_panoptic_segment():
+    # Queries in order: label 0 (fused), label 1, label 0 again (reuses the fused id), label 2. transformers'
+    # numbering gives the last one the id of the label-1 segment; each query owns one quadrant here.
+    class_logits = torch.full((1, 4, 4), -10.0)  # (batch, queries, 3 labels + no-object)
+    for query, label in enumerate((0, 1, 0, 2)):
+        class_logits[0, query, label] = 10.0
+    mask_logits = torch.full((1, 4, 8, 8), -10.0)
+    for query, (rows, cols) in enumerate(((slice(0, 4), slice(0, 4)), (slice(0, 4), slice(4, 8)),
+                                         (slice(4, 8), slice(0, 4)), (slice(4, 8), slice(4, 8)))):
+        mask_logits[0, query, rows, cols] = 10.0
+    image = segment_batch(class_logits, mask_logits, [(32, 32)],
+                          PostprocessSettings(tasks=("panoptic",), label_ids_to_fuse=(0,)))[0]
+    assert sorted(image.label_id) == [0, 1, 2] and len(set(image.segment_id)) == 3
+    masks = [decoded(runs, 32, 32) for runs in image.run_lengths]
+    assert np.sum(masks, axis=0).min() == 1  # every pixel in exactly one segment
+    assert masks[image.label_id.index(0)].sum() == 2 * 16 * 16 and image.was_fused[image.label_id.index(0)]
 
 
 @pytest.mark.parametrize("shape", [(37, 53), (1, 1), (128, 3)])
-def test_rle_round_trip_keeps_every_pixel_area_and_box(shape):
+def test_run_lengths_give_pycocotools_own_rle_area_and_box(shape):
     rng = np.random.default_rng(sum(shape))
-    mask = rng.random(shape) > 0.6
-    mask[0, 0] = True
-    encoded = encode_mask(mask)
-    assert isinstance(encoded["counts"], str) and encoded["size"] == list(shape)
-    decoded = coco_mask.decode({"size": encoded["size"], "counts": encoded["counts"]})
-    assert decoded.shape == shape and np.array_equal(decoded.astype(bool), mask)
-    rows, cols = np.nonzero(mask)
-    assert encoded["area"] == mask.sum()
-    assert encoded["bbox"] == [cols.min(), rows.min(), cols.max() - cols.min() + 1, rows.max() - rows.min() + 1]
+    for mask in (rng.random(shape) > 0.6, np.ones(shape, bool), np.zeros(shape, bool)):
+        reference = coco_mask.encode(np.asfortranarray(mask.astype(np.uint8)))
+        encoded = encode_mask(mask)
+        assert encoded["counts"] == reference["counts"].decode("ascii") and encoded["size"] == list(shape)
+        assert encoded["area"] == mask.sum()
+        assert encoded["bbox"] == [float(v) for v in coco_mask.toBbox(reference)]
 
 
-def test_empty_mask_encodes_to_zero_area():
-    encoded = encode_mask(np.zeros((5, 6), bool))
-    assert encoded["area"] == 0 and not coco_mask.decode({"size": [5, 6], "counts": encoded["counts"]}).any()
+def test_device_run_lengths_match_dense_encoding_at_the_edges():
+    # A mask on the first and last pixels (runs that start at 0 and end at the last pixel), and a label map.
+    label_map = torch.zeros((1, 1, 6, 5))
+    label_map[0, 0, 0, 0] = label_map[0, 0, -1, -1] = 1.0
+    outputs = SimpleNamespace(class_queries_logits=torch.tensor([[[10.0, -10.0]]]),
+                              masks_queries_logits=label_map * 20 - 10)
+    image = segment_batch(outputs.class_queries_logits, outputs.masks_queries_logits, [(6, 5)],
+                          PostprocessSettings(tasks=("instance", "semantic")))[0]
+    for k, task in enumerate(image.task):
+        mask = decoded(image.run_lengths[k], 6, 5)
+        assert np.array_equal(image.run_lengths[k], mask_run_lengths(mask)), task
 
 
-@pytest.fixture(scope="module")
-def tiny_outputs(tiny_checkpoint_seed1):
-    from m2f_model import Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor
-
-    processor = Mask2FormerImageProcessor.from_pretrained(str(tiny_checkpoint_seed1))
-    model = Mask2FormerForUniversalSegmentation.from_pretrained(str(tiny_checkpoint_seed1)).eval()
-    image = Image.fromarray(random_rgb(50, 70, seed=0))
-    with torch.inference_mode():
-        outputs = model(pixel_values=processor(images=[image], return_tensors="pt")["pixel_values"])
-    return processor, outputs.class_queries_logits[0].numpy(), outputs.masks_queries_logits[0].numpy()
-
-
-def test_every_task_yields_masks_at_the_original_size(tiny_outputs):
-    processor, class_logits, mask_logits = tiny_outputs
-    segments = list(predict_segments(processor, class_logits, mask_logits, height=50, width=70,
-                                     settings=PostprocessSettings(**LOW)))
-    tasks = {s.task for s in segments}
-    assert tasks == {"panoptic", "instance", "semantic"}
-    assert all(s.mask.shape == (50, 70) and s.mask.dtype == bool and s.mask.any() for s in segments)
-    panoptic = [s.mask for s in segments if s.task == "panoptic"]
-    assert (np.sum(panoptic, axis=0) <= 1).all(), "panoptic segments overlap"
-    semantic = [s.mask for s in segments if s.task == "semantic"]
-    assert (np.sum(semantic, axis=0) == 1).all(), "semantic segments must partition the image"
-    assert all(s.score is None for s in segments if s.task == "semantic")
+def test_segment_records_carry_labels_provenance_and_decodable_rle():
+    outputs = random_outputs(1)
+    image = segment_batch(outputs.class_queries_logits, outputs.masks_queries_logits, TARGET_SIZES[:1] * 2,
+                          PostprocessSettings(**LOW))[0]
+    row = {"image_uri": "/x.png", "image_id": "x.png", "height": image.height, "width": image.width,
+           "segment_task": image.task, "segment_id": image.segment_id, "segment_label_id": image.label_id,
+           "segment_score": image.score, "segment_was_fused": image.was_fused,
+           "segment_runs": [len(r) for r in image.run_lengths]}
+    labels = {k: f"label-{k}" for k in range(6)}
+    records = segment_records(row, np.concatenate(image.run_lengths), id2label=labels, model="m@abc", run_id="r")
+    assert len(records) == len(image.task) > 0
+    for k, record in enumerate(records):
+        mask = coco_mask.decode({"size": record.rle_size, "counts": record.rle_counts}).astype(bool)
+        assert np.array_equal(mask, decoded(image.run_lengths[k], image.height, image.width))
+        assert record.label == f"label-{record.label_id}" and record.area == mask.sum()
+        assert (record.model, record.run_id, record.task) == ("m@abc", "r", image.task[k])
 
 
-def test_tasks_option_limits_what_is_produced(tiny_outputs):
-    processor, class_logits, mask_logits = tiny_outputs
-    segments = list(predict_segments(processor, class_logits, mask_logits, height=50, width=70,
-                                     settings=PostprocessSettings(tasks=("semantic",), **LOW)))
-    assert {s.task for s in segments} == {"semantic"}
-
-
-def test_fused_labels_give_one_panoptic_row_per_segment(tiny_outputs):
-    processor, class_logits, mask_logits = tiny_outputs
-    all_labels = tuple(range(class_logits.shape[-1] - 1))
-    segments = [s for s in predict_segments(processor, class_logits, mask_logits, height=50, width=70,
-                                            settings=PostprocessSettings(tasks=("panoptic",), **LOW,
-                                                                         label_ids_to_fuse=all_labels))]
-    unfused = [s for s in predict_segments(processor, class_logits, mask_logits, height=50, width=70,
-                                           settings=PostprocessSettings(tasks=("panoptic",), **LOW))]
-    assert len({s.label_id for s in unfused}) < len(unfused), "the fixture needs two segments of one label"
-    assert segments and all(s.was_fused for s in segments)
-    labels = [s.label_id for s in segments]
-    assert len(labels) == len(set(labels)), "a fused label must appear once"
-    for label in labels:
-        fused_mask = next(s.mask for s in segments if s.label_id == label)
-        union = np.any([s.mask for s in unfused if s.label_id == label], axis=0)
-        assert np.array_equal(fused_mask, union)
-
-
-def test_a_reused_fused_id_never_gives_two_labels_one_panoptic_segment(tiny_outputs):
-    # Queries in order: label 0 (fused), label 1, label 0 again (reuses the fused id), label 2. transformers'
-    # numbering gives the last one the id of the label-1 segment; each query owns one quadrant here.
-    processor = tiny_outputs[0]
-    class_logits = np.full((4, 4), -10.0, np.float32)  # (queries, 3 labels + no-object)
-    for query, label in enumerate((0, 1, 0, 2)):
-        class_logits[query, label] = 10.0
-    mask_logits = np.full((4, 8, 8), -10.0, np.float32)
-    for query, (rows, cols) in enumerate(((slice(0, 4), slice(0, 4)), (slice(0, 4), slice(4, 8)),
-                                         (slice(4, 8), slice(0, 4)), (slice(4, 8), slice(4, 8)))):
-        mask_logits[query, rows, cols] = 10.0
-    segments = list(predict_segments(processor, class_logits, mask_logits, height=32, width=32,
-                                     settings=PostprocessSettings(tasks=("panoptic",), label_ids_to_fuse=(0,))))
-    assert sorted(s.label_id for s in segments) == [0, 1, 2]
-    assert len({s.segment_id for s in segments}) == 3
-    assert np.sum([s.mask for s in segments], axis=0).min() == 1  # every pixel in exactly one segment
-    assert next(s for s in segments if s.label_id == 0).mask.sum() == 2 * 16 * 16
-
-
-def test_segment_records_carry_labels_provenance_and_decodable_rle(tiny_outputs):
-    processor, class_logits, mask_logits = tiny_outputs
-    segments = list(predict_segments(processor, class_logits, mask_logits, height=50, width=70,
-                                     settings=PostprocessSettings(**LOW)))
-    records = segment_records(iter(segments), image_uri="/x.png", image_id="x.png", height=50, width=70,
-                              id2label={0: "circle", 1: "square", 2: "triangle", 3: "sky", 4: "ground"},
-                              model="m", run_id="r")
-    for segment, record in zip(segments, records):
-        decoded = coco_mask.decode({"size": record.rle_size, "counts": record.rle_counts}).astype(bool)
-        assert np.array_equal(decoded, segment.mask)
-        assert record.label == ["circle", "square", "triangle", "sky", "ground"][record.label_id]
-        assert record.area == segment.mask.sum() and (record.model, record.run_id) == ("m", "r")
+def test_no_segments_give_no_rle():
+    assert encode_run_lengths([], height=3, width=4) == []
 
 
 def test_unknown_task_is_rejected_with_the_choices():

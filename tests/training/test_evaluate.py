@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.postprocess import encode_mask
+from pipeline.rle import encode_mask
 from pipeline.records import IMAGES_SCHEMA, SEGMENTS_SCHEMA, ImageRecord, SegmentRecord, table_from_records
 from pipeline.sinks import write_batch, write_table_file
 from pipeline.storage import StorageConfig

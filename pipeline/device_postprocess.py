@@ -1,0 +1,169 @@
+"""Post-processing where the logits are: every requested task for a batch, then column-major run lengths.
+
+`segment_batch` turns a batch of model outputs (on any device) into each image's segments at its original
+size: m2f_model's `post_process_tasks` on each image (one upsampling shared by the tasks; transformers'
+semantics, unique panoptic ids), then the COCO run lengths of every kept mask, computed on the same device from the label
+maps and instance masks. Only the run tables (a few hundred kilobytes per image) reach the host; dense
+masks never do. The masks the run lengths describe are exactly those of m2f_model's three post-processors
+for the same logits on the same device.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from m2f_model.post_processing import post_process_tasks
+from pipeline.records import TASKS
+
+__all__ = ["PostprocessSettings", "ImageSegments", "segment_batch"]
+
+
+@dataclass(frozen=True)
+class PostprocessSettings:
+    """The post-processors' knobs (transformers' names and defaults) and which tasks to produce."""
+
+    tasks: tuple[str, ...] = TASKS
+    threshold: float = 0.5
+    mask_threshold: float = 0.5
+    overlap_threshold: float = 0.8
+    label_ids_to_fuse: tuple[int, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        unknown = [t for t in self.tasks if t not in TASKS]
+        if unknown or not self.tasks:
+            raise ValueError(f"--tasks {','.join(self.tasks)!r}: choose one or more of {','.join(TASKS)}")
+
+
+@dataclass
+class ImageSegments:
+    """One image's segments of every task; the lists run in parallel, one entry per segment."""
+
+    height: int
+    width: int
+    task: list[str] = field(default_factory=list)
+    segment_id: list[int] = field(default_factory=list)
+    label_id: list[int] = field(default_factory=list)
+    score: list[float | None] = field(default_factory=list)  # None for semantic segments
+    was_fused: list[bool] = field(default_factory=list)
+    run_lengths: list[np.ndarray] = field(default_factory=list)  # uint32, column-major, first run = zeros
+
+    def add(self, task: str, segment_id: int, label_id: int, score: float | None, was_fused: bool,
+            run_lengths: np.ndarray) -> None:
+        self.task.append(task)
+        self.segment_id.append(segment_id)
+        self.label_id.append(label_id)
+        self.score.append(score)
+        self.was_fused.append(was_fused)
+        self.run_lengths.append(run_lengths)
+
+
+def segment_batch(class_logits: torch.Tensor, mask_logits: torch.Tensor, target_sizes: list[tuple[int, int]],
+                  settings: PostprocessSettings) -> list[ImageSegments]:
+    """A batch of model outputs -> each image's segments of every requested task at its `target_sizes` entry.
+
+    Each image's segments equal what m2f_model's three post-processors give for that image's logits alone.
+
+    class_logits: (batch, queries, labels + 1); mask_logits: (batch, queries, h, w); float32, any device.
+    Panoptic: one segment per id (a fused id keeps its best score); instance: each kept mask whole (they may
+    overlap); semantic: one segment per class present (segment id = label id, no score).
+    """
+    # Image by image, so an image's segments never depend on its batch mates (the semantic einsum's rounding
+    # depends on the batch shape): they equal single-image inference + post-processing.
+    results = [post_process_tasks(
+        SimpleNamespace(class_queries_logits=class_logits[index:index + 1],
+                        masks_queries_logits=mask_logits[index:index + 1]), settings.tasks,
+        threshold=settings.threshold, mask_threshold=settings.mask_threshold,
+        overlap_mask_area_threshold=settings.overlap_threshold, label_ids_to_fuse=set(settings.label_ids_to_fuse),
+        target_sizes=[size],
+        # transformers' numbering can give the segment after a reused fused id an id already taken by another
+        # label; the map could then not tell the two apart.
+        unique_segment_ids=True)[0] for index, size in enumerate(target_sizes)]
+    # Run tables of every map of the batch, then one copy to the host.
+    maps: list[torch.Tensor] = []  # (M, H, W) stacks; per image: [panoptic+semantic label maps], [instance masks]
+    for (height, width), result in zip(target_sizes, results):
+        label_maps = [result[task] if task == "semantic" else result[task]["segmentation"]
+                      for task in ("panoptic", "semantic") if task in result]
+        maps.append(torch.stack([m.to(torch.int32) for m in label_maps]) if label_maps
+                    else torch.zeros((0, height, width), dtype=torch.int32, device=class_logits.device))
+        maps.append(result["instance"]["masks"] if "instance" in result
+                    else torch.zeros((0, height, width), dtype=torch.uint8, device=class_logits.device))
+    tables = [_run_table(stack) for stack in maps]
+    host = torch.cat(tables).cpu().numpy() if tables else np.zeros((0, 3), np.int32)
+    bounds = np.cumsum([0] + [len(t) for t in tables])
+    segments = []
+    for index, ((height, width), result) in enumerate(zip(target_sizes, results)):
+        label_runs = _MapRuns(host[bounds[2 * index]:bounds[2 * index + 1]], height * width)
+        mask_runs = _MapRuns(host[bounds[2 * index + 1]:bounds[2 * index + 2]], height * width)
+        image = ImageSegments(height=height, width=width)
+        map_index = 0
+        if "panoptic" in result:
+            _add_panoptic(image, result["panoptic"]["segments_info"], label_runs, map_index)
+            map_index += 1
+        if "instance" in result:
+            for position, info in enumerate(result["instance"]["segments_info"]):
+                image.add("instance", int(info["id"]), int(info["label_id"]), float(info["score"]),
+                          bool(info.get("was_fused", False)), mask_runs.of(position, 1))
+        if "semantic" in result:
+            for label_id in label_runs.values(map_index):  # one segment per class present; segment_id = label_id
+                image.add("semantic", label_id, label_id, None, False, label_runs.of(map_index, label_id))
+        segments.append(image)
+    return segments
+
+
+def _add_panoptic(image: ImageSegments, segments_info: list[dict], runs: "_MapRuns", map_index: int) -> None:
+    # Fused stuff segments appear once per fused query under the same id: one row per id, best score.
+    by_id: dict[int, dict] = {}
+    for info in segments_info:
+        kept = by_id.setdefault(int(info["id"]), dict(info))
+        kept["score"] = max(float(kept["score"]), float(info["score"]))
+        kept["was_fused"] = bool(kept.get("was_fused")) or bool(info.get("was_fused"))
+    for segment_id, info in by_id.items():
+        image.add("panoptic", segment_id, int(info["label_id"]), float(info["score"]),
+                  bool(info.get("was_fused", False)), runs.of(map_index, segment_id))
+
+
+def _run_table(maps: torch.Tensor) -> torch.Tensor:
+    """(M, H, W) maps -> (R, 3) int32 rows (map index, column-major start, value), one per run of equal values."""
+    flat = maps.transpose(1, 2).reshape(maps.shape[0], maps.shape[1] * maps.shape[2])  # (M, W*H), column-major
+    starts = torch.ones_like(flat, dtype=torch.bool)
+    starts[:, 1:] = flat[:, 1:] != flat[:, :-1]
+    map_index, start = starts.nonzero(as_tuple=True)
+    return torch.stack([map_index.to(torch.int32), start.to(torch.int32), flat[map_index, start].to(torch.int32)],
+                       dim=1)
+
+
+class _MapRuns:
+    """The host copy of one run table: runs of each map, and COCO run lengths of `map == value`."""
+
+    def __init__(self, table: np.ndarray, pixels: int) -> None:
+        self._pixels = pixels
+        self._by_map: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        if len(table) == 0:
+            return
+        split = np.flatnonzero(np.diff(table[:, 0])) + 1  # rows arrive grouped by map, starts ascending
+        for rows in np.split(table, split):
+            starts = rows[:, 1].astype(np.int64)
+            lengths = np.diff(np.append(starts, pixels))
+            self._by_map[int(rows[0, 0])] = (starts, lengths, rows[:, 2])
+
+    def values(self, map_index: int) -> list[int]:
+        return [int(v) for v in np.unique(self._by_map[map_index][2])]
+
+    def of(self, map_index: int, value: int) -> np.ndarray:
+        """Column-major run lengths of `map == value`, first run counting zeros."""
+        starts, lengths, values = self._by_map[map_index]
+        chosen = values == value
+        one_starts, one_lengths = starts[chosen], lengths[chosen]
+        if one_starts.size == 0:
+            return np.array([self._pixels], dtype=np.uint32)
+        counts = np.empty(2 * one_starts.size + 1, dtype=np.int64)
+        counts[0] = one_starts[0]
+        counts[1::2] = one_lengths
+        counts[2:-1:2] = one_starts[1:] - (one_starts[:-1] + one_lengths[:-1])
+        counts[-1] = self._pixels - (one_starts[-1] + one_lengths[-1])
+        if counts[-1] == 0:  # pycocotools' own encoding ends with the last run, never with an empty one
+            counts = counts[:-1]
+        return counts.astype(np.uint32)
