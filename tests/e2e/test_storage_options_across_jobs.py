@@ -3,13 +3,13 @@ loopback S3 endpoint alike from segment_bucket, finetune and evaluate: each job 
 StorageConfig and every read and write goes through it."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import uuid
 from pathlib import Path
 
 import pytest
 
+from job_scripts import load_job
 from pipeline.model_spec import resolve_model
 from pipeline.listing import list_inputs
 from pipeline.storage import StorageConfig
@@ -19,15 +19,7 @@ from training.loading import load_coco_dataset
 from training.shapes import ShapesConfig, write_shapes_dataset
 from training.train_loop import FinetuneConfig, _fixed_size_processor, local_directory
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 FORMS = ("flag", "environment", "client_kwargs_flag")
-
-
-def _job(name: str):
-    spec = importlib.util.spec_from_file_location(f"job_{name}", REPO_ROOT / "jobs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -76,15 +68,15 @@ def test_every_job_reaches_the_endpoint_with_each_form_of_the_settings(form, s3_
 
     # segment_bucket: what run_segmentation does with the storage before Ray starts (the full job on S3 runs in
     # test_segment_bucket_job.py).
-    options = _job("segment_bucket").parse_args(["--input", f"s3://{bucket}/data/val", "--model",
-                                                 f"s3://{bucket}/model", *flags]).validated()
+    options = load_job("segment_bucket").parse_args(["--input", f"s3://{bucket}/data/val", "--model",
+                                                     f"s3://{bucket}/model", *flags]).validated()
     storage = StorageConfig.resolve(options.storage_options)
     assert list_inputs(options.input, storage).num_rows == 3
     assert resolve_model(options.model, storage).id2label[3] == "sky"
 
     # finetune: the data, --init-from and the checkpoint storage of Ray Train.
-    args = _job("finetune").parse_args(["--data", f"s3://{bucket}/data", "--init-from", f"s3://{bucket}/model",
-                                        "--storage-path", f"s3://{bucket}/runs", *flags])
+    args = load_job("finetune").parse_args(["--data", f"s3://{bucket}/data", "--init-from", f"s3://{bucket}/model",
+                                            "--storage-path", f"s3://{bucket}/runs", *flags])
     config = FinetuneConfig(data=args.data, init_from=args.init_from, storage_options=args.storage_options)
     assert FinetuneConfig(**config.to_dict()).storage == config.storage  # as the workers get it
     local, download = local_directory(config.init_from, config.storage)
@@ -99,8 +91,8 @@ def test_every_job_reaches_the_endpoint_with_each_form_of_the_settings(form, s3_
     assert storage.read_bytes(f"s3://{bucket}/runs/{form}.txt") == b"checkpoint"
 
     # evaluate: the model, the data and the report on S3.
-    report = _job("evaluate").main(["--model", f"s3://{bucket}/model", "--data", f"s3://{bucket}/data",
-                                    "--threshold", "0", "--json", f"s3://{bucket}/eval-{form}.json", *flags])
+    report = load_job("evaluate").main(["--model", f"s3://{bucket}/model", "--data", f"s3://{bucket}/data",
+                                        "--threshold", "0", "--json", f"s3://{bucket}/eval-{form}.json", *flags])
     assert report["images_without_predictions"] == 0
     written = json.loads(storage.read_bytes(f"s3://{bucket}/eval-{form}.json"))
     assert written["panoptic"] == report["panoptic"]

@@ -2,7 +2,6 @@
 evaluating the model directly, and its COCO export loads in pycocotools and scores like the tables."""
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import numpy as np
@@ -11,21 +10,14 @@ from PIL import Image
 from pycocotools import mask as coco_mask
 from pycocotools.coco import COCO
 
+from job_scripts import load_job
 from pipeline import run_segmentation
-from pipeline.local_ray import REPO_ROOT
 from pipeline.run_tables import read_run_tables
 from pipeline.storage import StorageConfig
 from tiny_checkpoints import save_tiny_checkpoint
 from training.shapes import ShapesConfig, write_shapes_dataset
 
 TASKS = ("panoptic", "instance", "semantic")
-
-
-def _job(name: str):
-    spec = importlib.util.spec_from_file_location(f"job_{name}", REPO_ROOT / "jobs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +38,7 @@ def killed_then_resumed_run(ray_session, tmp_path_factory):
     (output / "images" / f"{stems[-1]}.parquet").unlink()
     (output / "segments" / f".tmp-0123-{stems[0]}.parquet").write_bytes(
         (output / "segments" / f"{stems[0]}.parquet").read_bytes())
-    evaluate = _job("evaluate").main
+    evaluate = load_job("evaluate").main
     killed = evaluate(["--predictions", str(output), "--data", str(data)])
     run_segmentation({**options, "resume": True})
     return {"data": data, "model": model, "output": output, "killed": killed,
@@ -60,8 +52,8 @@ def test_a_killed_run_is_scored_on_its_committed_batches_only(killed_then_resume
 def test_evaluating_a_killed_then_resumed_runs_tables_equals_evaluating_the_model(killed_then_resumed_run,
                                                                                    tmp_path):
     run = killed_then_resumed_run
-    direct = _job("evaluate").main(["--model", str(run["model"]), "--data", str(run["data"]), "--threshold", "0",
-                                    "--batch-size", "2", "--json", str(tmp_path / "direct.json")])
+    direct = load_job("evaluate").main(["--model", str(run["model"]), "--data", str(run["data"]), "--threshold", "0",
+                                        "--batch-size", "2", "--json", str(tmp_path / "direct.json")])
     assert run["resumed"]["images_without_predictions"] == 0
     for task in TASKS:
         assert run["resumed"][task] == direct[task], task
@@ -70,7 +62,7 @@ def test_evaluating_a_killed_then_resumed_runs_tables_equals_evaluating_the_mode
 
 def test_coco_export_loads_in_pycocotools_and_scores_like_the_tables(killed_then_resumed_run, tmp_path):
     run = killed_then_resumed_run
-    assert _job("export_coco").main(["--predictions", str(run["output"]), "--output", str(tmp_path)]) == 0
+    assert load_job("export_coco").main(["--predictions", str(run["output"]), "--output", str(tmp_path)]) == 0
     tables = read_run_tables(str(run["output"]), StorageConfig.resolve(None, environ={}))
     segments = tables.segments.to_pylist()
 
@@ -98,7 +90,7 @@ def test_coco_export_loads_in_pycocotools_and_scores_like_the_tables(killed_then
         mask = coco_mask.decode({"size": row["rle_size"], "counts": row["rle_counts"].encode()}).astype(bool)
         assert np.array_equal(ids == info["id"], mask)
 
-    from_export = _job("evaluate").main(["--coco-export", str(tmp_path), "--data", str(run["data"])])
+    from_export = load_job("evaluate").main(["--coco-export", str(tmp_path), "--data", str(run["data"])])
     for task in ("panoptic", "instance"):
         assert from_export[task] == run["resumed"][task], task
 

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from job_scripts import load_job
 from pipeline.rle import encode_mask
 from pipeline.records import IMAGES_SCHEMA, SEGMENTS_SCHEMA, ImageRecord, SegmentRecord, table_from_records
 from pipeline.sinks import write_batch, write_table_file
@@ -18,7 +19,6 @@ from pipeline.storage import StorageConfig
 from training.evaluation import Predictions, load_ground_truth, read_run_predictions, score_predictions
 from training.shapes import ShapesConfig, rgb_to_panoptic_id, write_shapes_dataset
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 NAMES = {1: "circle", 2: "square", 3: "triangle", 4: "sky", 5: "ground"}
 
 
@@ -27,16 +27,6 @@ def train_eval_shapes(tmp_path_factory) -> Path:
     return write_shapes_dataset(tmp_path_factory.mktemp("eval-shapes"), splits={"val": 5}, seed=7,
                                 config=ShapesConfig(image_size=64, min_object_size=16, max_object_size=28,
                                                     min_visible_pixels=60))
-
-
-def _load_job(name: str):
-    """Imports jobs/<name>.py (jobs/ is a folder of scripts, not a package)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"job_{name}", REPO_ROOT / "jobs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _segment(uri: str, task: str, name: str, score: float | None, mask: np.ndarray) -> SegmentRecord:
@@ -113,7 +103,7 @@ def test_committed_tables_score_like_their_segments_and_a_killed_batch_is_not_sc
 
 
 def test_evaluate_takes_the_labeling_jobs_flag_names_and_the_old_spelling(capsys):
-    parse_args = _load_job("evaluate").parse_args
+    parse_args = load_job("evaluate").parse_args
     args = parse_args(["--model", "m", "--data", "d", "--overlap-threshold", "0.6", "--mask-threshold", "0.3",
                        "--label-ids-to-fuse", "3,4", "--tasks", "panoptic"])
     assert (args.overlap_threshold, args.mask_threshold, args.label_ids_to_fuse, args.tasks) == \
