@@ -58,6 +58,8 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from infra.processes import status_kib  # noqa: E402
+
 MMAP_THRESHOLD_ENV = "MALLOC_MMAP_THRESHOLD_"
 NUM_THREADS = 2
 COCO_PANOPTIC_LABELS = 133
@@ -65,22 +67,14 @@ COCO_THING_LABELS = 80
 
 
 # ------------------------------------------------------------------------------------- measuring
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} missing from /proc/self/status")
-
-
 def peak_rss_growth_mib(function: Callable[[], Any]) -> float:
     """How far the resident set grew above its level before the call, at its peak during the call."""
     gc.collect()
-    before = _status_kib("VmRSS")
+    before = status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as clear_refs:
         clear_refs.write("5")  # resets VmHWM to the current RSS
     result = function()
-    peak = _status_kib("VmHWM")
+    peak = status_kib("VmHWM")
     del result
     return max(peak - before, 0) / 1024
 

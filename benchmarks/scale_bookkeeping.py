@@ -37,6 +37,8 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from infra.processes import status_kib  # noqa: E402
+
 BUCKET = "scale"
 RUN_FIRST = "20260101T000000000000Z-first"
 RUN_FIX = "20260102T000000000000Z-fixed"
@@ -184,10 +186,10 @@ def build_data(args: argparse.Namespace, storage, codes: list[str]) -> dict:
 
 def _peak_rss_mib() -> float:
     """VmHWM: unlike ru_maxrss, it starts afresh at exec instead of carrying over the parent's peak."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return round(int(line.split()[1]) / 1024, 1)
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    peak_kib = status_kib("VmHWM")
+    if peak_kib is None:
+        peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak_kib / 1024, 1)
 
 
 def _count_files(storage, output_uri: str) -> dict:

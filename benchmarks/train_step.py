@@ -29,6 +29,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from infra.processes import status_kib  # noqa: E402
 from training.train_step import optimizer_step, segmentation_loss  # noqa: E402
 
 COCO_PANOPTIC_LABELS = 133
@@ -68,14 +69,6 @@ def synthetic_batch(batch_size: int, size: int, num_labels: int, device: torch.d
     return pixel_values.to(device), mask_labels, class_labels
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} missing from /proc/self/status")
-
-
 class Side:
     """One model with its optimizer (and a gradient scaler for float16), stepping on the shared batch."""
 
@@ -101,7 +94,7 @@ class Side:
             held = torch.cuda.memory_allocated(self.device)
         else:
             gc.collect()
-            held = _status_kib("VmRSS") * 1024
+            held = status_kib("VmRSS") * 1024
             with open("/proc/self/clear_refs", "w") as clear_refs:
                 clear_refs.write("5")  # resets VmHWM to the current RSS
         started = time.perf_counter()
@@ -111,7 +104,7 @@ class Side:
         if cuda:
             torch.cuda.synchronize(self.device)
         elapsed = time.perf_counter() - started
-        peak = torch.cuda.max_memory_allocated(self.device) if cuda else _status_kib("VmHWM") * 1024
+        peak = torch.cuda.max_memory_allocated(self.device) if cuda else status_kib("VmHWM") * 1024
         if record:
             self.seconds.append(elapsed)
             self.losses.append(loss_value)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["ProcessStat", "process_stat", "all_process_stats", "process_tree", "processes_mentioning",
-           "is_running", "peak_rss_mib", "command_line", "cpu_seconds"]
+           "is_running", "peak_rss_mib", "status_kib", "command_line", "cpu_seconds"]
 
 _PROC = Path("/proc")
 
@@ -98,12 +98,18 @@ def cpu_seconds(pid: int) -> float:
     return (stat.utime_ticks + stat.stime_ticks) / os.sysconf("SC_CLK_TCK")
 
 
-def peak_rss_mib(pid: int) -> float | None:
-    """The process's peak resident memory (VmHWM) in MiB; None when it is gone."""
+def status_kib(field: str, pid: int | str = "self") -> int | None:
+    """A memory field of /proc/<pid>/status (VmRSS, VmHWM, ...) in KiB; None when the process is gone."""
     try:
         for line in (_PROC / str(pid) / "status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
     except OSError:
         return None
     return None
+
+
+def peak_rss_mib(pid: int) -> float | None:
+    """The process's peak resident memory (VmHWM) in MiB; None when it is gone."""
+    peak = status_kib("VmHWM", pid)
+    return peak / 1024 if peak is not None else None
