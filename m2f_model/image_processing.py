@@ -468,11 +468,7 @@ class Mask2FormerImageProcessor:
         `instance_id_to_semantic_id`, one dict for all images or one per image).
         """
         settings = self._settings(overrides)
-        image_list = [
-            _image_to_chw(image, do_convert_rgb=bool(settings["do_convert_rgb"]),
-                          input_data_format=input_data_format, device=device)
-            for image in _flat_image_list(images, 3, "images")
-        ]
+        image_list = self._images_to_chw(images, settings, input_data_format, device)
         map_list = None
         if segmentation_maps is not None:
             map_list = [_segmentation_map_to_tensor(m, device) for m in
@@ -487,6 +483,27 @@ class Mask2FormerImageProcessor:
         resized_images, resized_maps = self._resize_all(image_list, map_list, settings)
         return self._normalise_pad_and_encode(resized_images, resized_maps, instance_id_to_semantic_id,
                                               settings, return_tensors)
+
+    def resize_images(self, images: Any, *, device: torch.device | str | None = None,
+                      input_data_format: str | None = None, **overrides: Any) -> list[torch.Tensor]:
+        """The resize step of `preprocess` alone: each image as a (C, H', W') tensor in its own dtype (uint8
+        for 8-bit images), at the size `preprocess` gives it, not rescaled, normalised or padded.
+
+        `preprocess` on the result with `do_resize=False` gives the same pixel_values as `preprocess` on
+        `images` (for same-size images; padding aside otherwise): the decode/resize half of the processor can
+        run on CPU workers and the rescale/normalise half on the model's device.
+        """
+        settings = self._settings(overrides)
+        resized, _ = self._resize_all(self._images_to_chw(images, settings, input_data_format, device), None,
+                                      settings)
+        return resized
+
+    @staticmethod
+    def _images_to_chw(images: Any, settings: Mapping[str, Any], input_data_format: str | None,
+                       device: torch.device | str | None) -> list[torch.Tensor]:
+        return [_image_to_chw(image, do_convert_rgb=bool(settings["do_convert_rgb"]),
+                              input_data_format=input_data_format, device=device)
+                for image in _flat_image_list(images, 3, "images")]
 
     def encode_inputs(
         self,
@@ -635,7 +652,10 @@ class Mask2FormerImageProcessor:
                 std = torch.tensor(std, device=image.device) * scale
             mean = torch.as_tensor(mean, dtype=torch.float32, device=image.device).reshape(-1, 1, 1)
             std = torch.as_tensor(std, dtype=torch.float32, device=image.device).reshape(-1, 1, 1)
-            torch.sub(image, mean, out=out)
+            # Cast first, then subtract in place: the same float32 values as a mixed uint8/float32 `sub`,
+            # at about 3/4 of its CPU time.
+            out.copy_(image)
+            out.sub_(mean)
             out.div_(std)
         elif settings["do_rescale"]:
             torch.mul(image, settings["rescale_factor"], out=out)

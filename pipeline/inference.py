@@ -133,13 +133,21 @@ class InferenceStage:
         return inputs
 
     def _device_pixels(self, pixels: list[np.ndarray], shape: tuple):
-        """uint8 (group, 3, H', W') on the device, rescaled and normalised by the checkpoint's processor there."""
+        """The group's pixels on the device, rescaled and normalised there, in the model's dtype."""
+        return self._normalised_on_device(self._host_batch(pixels, shape))
+
+    def _host_batch(self, pixels: list[np.ndarray], shape: tuple):
+        """uint8 (group, 3, H', W') in one host buffer (pinned for a GPU): the host's part of the input."""
         import torch
 
         host = torch.empty((len(pixels), *shape), dtype=torch.uint8, pin_memory=self._pinned)
         host_array = host.numpy()
         for position, flat in enumerate(pixels):
             host_array[position] = flat.reshape(shape)
+        return host
+
+    def _normalised_on_device(self, host):
+        """The device's part: the uint8 batch copied over, then rescaled and normalised by the processor there."""
         on_device = host.to(self._device, non_blocking=True)
         normalised = self._processor.preprocess(on_device, do_resize=False, input_data_format="channels_first",
                                                 return_tensors="pt")["pixel_values"]  # float32, on the device

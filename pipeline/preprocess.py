@@ -20,14 +20,20 @@ __all__ = ["PreprocessStage", "resize_image"]
 
 def resize_image(processor, image) -> np.ndarray:
     """One RGB image -> uint8 (3, H', W') pixels at the size the processor gives it, not rescaled or padded."""
-    encoded = processor(images=[image], do_rescale=False, do_normalize=False, pad_size=None, return_tensors="pt")
-    return encoded["pixel_values"][0].numpy()  # (3, H', W') uint8
+    return processor.resize_images([image])[0].numpy()  # (3, H', W') uint8, maybe a strided (channels-last) view
 
 
 class PreprocessStage:
     """Ray Data actor: FETCHED rows -> PREPROCESSED rows; failures become error rows ('decode'/'preprocess')."""
 
-    def __init__(self, *, spec: ModelSpec, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, tracker=None) -> None:
+    def __init__(self, *, spec: ModelSpec, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                 torch_threads: int | None = None, tracker=None) -> None:
+        if torch_threads:
+            import torch
+
+            # One image at a time is single-core work (the pool plan counts a core per actor); more threads
+            # only add synchronisation, and Ray leaves a node's OMP_NUM_THREADS as the user set it.
+            torch.set_num_threads(torch_threads)
         self._processor = spec.processor()
         self._max_image_pixels = max_image_pixels
         self._tracker = tracker

@@ -214,7 +214,7 @@ def _run_pipeline(pending: pa.Table, options: SegmentationOptions, storage: Stor
                      compute=ray.data.ActorPoolStrategy(size=plan.preprocess_actors),
                      num_cpus=plan.preprocess_cpus,
                      fn_constructor_kwargs={"spec": spec, "max_image_pixels": options.max_image_pixels,
-                                            "tracker": tracker})
+                                            "torch_threads": 1, "tracker": tracker})
         .map_batches(InferenceStage, batch_format="pyarrow", batch_size=batch_size,
                      compute=ray.data.ActorPoolStrategy(size=plan.model_actors, enable_true_multi_threading=True,
                                                         max_concurrent_calls_per_actor=CONCURRENT_CALLS),

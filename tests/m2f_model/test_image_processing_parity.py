@@ -306,3 +306,19 @@ def test_batch_feature_moves_tensors_and_keeps_integer_dtypes():
 def test_channels_last_output_is_refused_rather_than_ignored():
     with pytest.raises(ValueError, match="channels-first"):
         Mask2FormerImageProcessor()(_images()[0], data_format="channels_last")
+
+
+@pytest.mark.parametrize("settings", [pytest.param({}, id="defaults"),
+                                      pytest.param({"size": {"height": 64, "width": 64}}, id="fixed-square"),
+                                      pytest.param({"size": {"height": 48, "width": 48}, "resample": 3},
+                                                   id="bicubic")])
+def test_resize_images_then_normalise_equals_preprocess_exactly(settings):
+    """The labeling job's split: resize on CPU workers (uint8), rescale + normalise on the model's device."""
+    processor = Mask2FormerImageProcessor(**settings)
+    for image in [Image.fromarray(array) for array in _images()]:
+        resized = processor.resize_images([image])
+        assert len(resized) == 1 and resized[0].dtype == torch.uint8
+        whole = processor(image)["pixel_values"]
+        assert resized[0].shape == whole.shape[1:]
+        split = processor.preprocess(resized[0][None], do_resize=False, input_data_format="channels_first")
+        assert torch.equal(split["pixel_values"], whole)  # bit for bit, not within a tolerance
