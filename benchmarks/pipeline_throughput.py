@@ -15,8 +15,8 @@
    rate, the pipeline's speed once its fixed start-up costs are paid.
 
 3. Stage costs (in this process, outside Ray, on --cost-images images): host CPU-seconds per image of each
-   stage (decode+resize; the model stage's host work, i.e. filling its input buffer and building segment rows,
-   not the copy to the device, normalising there, the forward pass or the device-side post-processing; RLE
+   stage (decode+resize; the model stage's host work, i.e. filling its input buffer, each segment's run lengths
+   from the batch's run table and the segment rows, not the copy to the device, normalising there, the forward pass or the device-side post-processing; RLE
    strings + Parquet writes) and the bytes per image each stage hands to the next through the object store.
    Each stage runs with the torch threads the job gives it (one for decode and writes).
 
@@ -269,7 +269,7 @@ def stage_costs(model_dir: Path, image_paths: list[Path], *, batch_size: int, de
     import pyarrow as pa
     import torch
 
-    from pipeline.device_postprocess import PostprocessSettings, segment_batch
+    from pipeline.device_postprocess import PostprocessSettings, segments_from_run_table, segments_on_device
     from pipeline.inference import InferenceStage, _segmented_row
     from pipeline.model_spec import resolve_model
     from pipeline.postprocess import PostprocessStage
@@ -294,8 +294,8 @@ def stage_costs(model_dir: Path, image_paths: list[Path], *, batch_size: int, de
     # The model stage's call is timed whole, and again in parts: forward and device post-processing are the
     # device's work; pixels to the device (pinned copy, normalise) and the segment rows are its host work.
     cpu = {"decode_resize": 0.0, "model_stage_call": 0.0, "pixels_to_host_buffer": 0.0,
-           "copy_and_normalise_on_device": 0.0, "forward": 0.0, "device_postprocess": 0.0, "segment_rows": 0.0,
-           "write": 0.0}
+           "copy_and_normalise_on_device": 0.0, "forward": 0.0, "device_postprocess": 0.0,
+           "run_lengths_from_run_table": 0.0, "segment_rows": 0.0, "write": 0.0}
     sizes = {"fetched": 0, "preprocessed": 0, "segmented": 0, "images_rows": 0}
     segments = 0
     for batch in fetched:
@@ -324,10 +324,13 @@ def stage_costs(model_dir: Path, image_paths: list[Path], *, batch_size: int, de
             _synchronize(device)
             cpu["forward"] += time.process_time() - started
             started = time.process_time()
-            image_segments = segment_batch(outputs.class_queries_logits.float(), outputs.masks_queries_logits.float(),
-                                           sizes_hw, settings)
+            results, run_table = segments_on_device(outputs.class_queries_logits.float(),
+                                                    outputs.masks_queries_logits.float(), sizes_hw, settings)
             _synchronize(device)
             cpu["device_postprocess"] += time.process_time() - started
+        started = time.process_time()
+        image_segments = segments_from_run_table(results, run_table, sizes_hw)
+        cpu["run_lengths_from_run_table"] += time.process_time() - started
         started = time.process_time()
         rows = [_segmented_row(row, segments=image) for row, image in
                 zip(preprocessed.drop_columns(["pixels"]).to_pylist(), image_segments)]
@@ -342,7 +345,7 @@ def stage_costs(model_dir: Path, image_paths: list[Path], *, batch_size: int, de
                             ("images_rows", images)):
             sizes[name] += table.nbytes
     count = len(image_paths)
-    model_host = cpu["pixels_to_host_buffer"] + cpu["segment_rows"]
+    model_host = cpu["pixels_to_host_buffer"] + cpu["run_lengths_from_run_table"] + cpu["segment_rows"]
     per_image_ms = {name: round(1000 * value / count, 2) for name, value in cpu.items()}
     per_image_ms["model_stage_host"] = round(1000 * model_host / count, 2)
     # Host work: decode+resize, the model stage's host part (filling the input buffer, segment rows), writing.

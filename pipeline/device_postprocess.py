@@ -18,7 +18,7 @@ import torch
 from m2f_model.post_processing import post_process_tasks
 from pipeline.records import TASKS
 
-__all__ = ["PostprocessSettings", "ImageSegments", "segment_batch"]
+__all__ = ["PostprocessSettings", "ImageSegments", "segment_batch", "segments_on_device", "segments_from_run_table"]
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,14 @@ def segment_batch(class_logits: torch.Tensor, mask_logits: torch.Tensor, target_
     Panoptic: one segment per id (a fused id keeps its best score); instance: each kept mask whole (they may
     overlap); semantic: one segment per class present (segment id = label id, no score).
     """
+    results, run_table = segments_on_device(class_logits, mask_logits, target_sizes, settings)
+    return segments_from_run_table(results, run_table, target_sizes)
+
+
+def segments_on_device(class_logits: torch.Tensor, mask_logits: torch.Tensor, target_sizes: list[tuple[int, int]],
+                       settings: PostprocessSettings) -> tuple[list[dict], "_RunTable"]:
+    """`segment_batch`'s device part: every task's post-processing, then the run tables of every map, brought
+    to the host in one copy. Returns the post-processors' results (segments_info; maps stay on the device)."""
     # Image by image, so an image's segments never depend on its batch mates (the semantic einsum's rounding
     # depends on the batch shape): they equal single-image inference + post-processing.
     results = [post_process_tasks(
@@ -92,11 +100,26 @@ def segment_batch(class_logits: torch.Tensor, mask_logits: torch.Tensor, target_
                     else torch.zeros((0, height, width), dtype=torch.uint8, device=class_logits.device))
     tables = [_run_table(stack) for stack in maps]
     host = torch.cat(tables).cpu().numpy() if tables else np.zeros((0, 3), np.int32)
-    bounds = np.cumsum([0] + [len(t) for t in tables])
+    return results, _RunTable(host, np.cumsum([0] + [len(t) for t in tables]))
+
+
+@dataclass
+class _RunTable:
+    """The host copy of a batch's run tables: rows (map index, start, value); per image two tables in turn
+    (its panoptic/semantic label maps, then its instance masks), `bounds` delimiting them."""
+
+    rows: np.ndarray
+    bounds: np.ndarray
+
+
+def segments_from_run_table(results: list[dict], run_table: _RunTable,
+                            target_sizes: list[tuple[int, int]]) -> list[ImageSegments]:
+    """`segment_batch`'s host part: each image's segments and their COCO run lengths from the run table."""
+    host, bounds = run_table.rows, run_table.bounds
     segments = []
     for index, ((height, width), result) in enumerate(zip(target_sizes, results)):
         label_runs = _MapRuns(host[bounds[2 * index]:bounds[2 * index + 1]], height * width)
-        mask_runs = _MapRuns(host[bounds[2 * index + 1]:bounds[2 * index + 2]], height * width)
+        mask_counts = _binary_mask_counts(host[bounds[2 * index + 1]:bounds[2 * index + 2]], height * width)
         image = ImageSegments(height=height, width=width)
         map_index = 0
         if "panoptic" in result:
@@ -105,7 +128,7 @@ def segment_batch(class_logits: torch.Tensor, mask_logits: torch.Tensor, target_
         if "instance" in result:
             for position, info in enumerate(result["instance"]["segments_info"]):
                 image.add("instance", int(info["id"]), int(info["label_id"]), float(info["score"]),
-                          bool(info.get("was_fused", False)), mask_runs.of(position, 1))
+                          bool(info.get("was_fused", False)), mask_counts[position])
         if "semantic" in result:
             for label_id in label_runs.values(map_index):  # one segment per class present; segment_id = label_id
                 image.add("semantic", label_id, label_id, None, False, label_runs.of(map_index, label_id))
@@ -133,6 +156,27 @@ def _run_table(maps: torch.Tensor) -> torch.Tensor:
     map_index, start = starts.nonzero(as_tuple=True)
     return torch.stack([map_index.to(torch.int32), start.to(torch.int32), flat[map_index, start].to(torch.int32)],
                        dim=1)
+
+
+def _binary_mask_counts(table: np.ndarray, pixels: int) -> list[np.ndarray]:
+    """The run table of a stack of 0/1 masks -> each mask's COCO run lengths, all masks at once.
+
+    In a binary mask consecutive runs alternate between 0 and 1, so its COCO counts are simply its run
+    lengths, after a 0 when it starts with ones (equal to `_MapRuns.of(mask, 1)`, without a pass per mask).
+    """
+    if len(table) == 0:
+        return []
+    maps, starts = table[:, 0], table[:, 1].astype(np.int64)
+    first_row = np.ones(len(table), dtype=bool)
+    first_row[1:] = maps[1:] != maps[:-1]
+    ends = np.empty_like(starts)
+    ends[:-1] = starts[1:]
+    ends[np.append(first_row[1:], True)] = pixels  # a mask's last run ends with the image
+    lengths = (ends - starts).astype(np.uint32)
+    leading_zero = np.flatnonzero(first_row & (table[:, 2] == 1))
+    counts = np.insert(lengths, leading_zero, 0)
+    map_starts = np.flatnonzero(first_row)
+    return np.split(counts, (map_starts + np.searchsorted(leading_zero, map_starts))[1:])
 
 
 class _MapRuns:

@@ -8,8 +8,10 @@ default dtype, and nothing dense leaves the device: post-processing of every tas
 run lengths come back (see `pipeline.device_postprocess`).
 
 The actor takes `CONCURRENT_CALLS` batches at once (a threaded actor): while one batch holds the device for
-its forward pass and post-processing, the next one's pixels are copied to the device and normalised (on a
-side CUDA stream on GPUs), so the device never waits for its input.
+its forward pass, the next one's pixels are copied to the device and normalised (on a side CUDA stream on
+GPUs), so the device never waits for its input; on a GPU the previous batch is post-processed on a stream of
+its own meanwhile, so the next forward is queued before post-processing's host syncs. On CPU, where the
+forward pass already uses every core, forward and post-processing take turns.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import pyarrow as pa
 from pipeline.device_postprocess import ImageSegments, PostprocessSettings, segment_batch
 from pipeline.model_spec import ModelSpec
 from pipeline.progress import report_progress
+from pipeline.rle import pack_run_lengths
 from pipeline.records import NO_ERROR_COLUMNS, SEGMENTED_SCHEMA, StageError, binary_column_views
 from pipeline.storage import StorageConfig
 
@@ -75,8 +78,12 @@ class InferenceStage:
         model = spec.load_model(storage, device=self._device, dtype=str(self._dtype).removeprefix("torch."))
         self._model = torch.compile(model) if compile else model
         self._compile_pending = compile
-        self._pinned = self._device.startswith("cuda")
-        self._device_lock = threading.Lock()  # one forward + post-processing at a time; input prep runs beside
+        self._on_gpu = self._device.startswith("cuda")
+        self._pinned = self._on_gpu
+        # One forward pass at a time (on CPU, forward + post-processing); input preparation always runs beside it,
+        # and on a GPU so does the previous batch's post-processing.
+        self._device_lock = threading.Lock()
+        self._streams = threading.local()
         self._tracker = tracker
         if tracker is not None:
             tracker.touch.remote()
@@ -111,21 +118,49 @@ class InferenceStage:
                     mask_logits = outputs.masks_queries_logits.float()  # (group, queries, H'/4, W'/4)
                     if self._compile_pending:
                         self._report_compile_time(time.monotonic() - started)
-                    try:
-                        segments = segment_batch(class_logits, mask_logits, sizes, self._settings)
-                    except Exception as error:  # noqa: BLE001 - the group's images become error rows
-                        return [{"error": StageError.from_exception("postprocess", error)}] * len(pixels)
+                    if not self._on_gpu:  # a CPU's cores are all the forward's: post-process in turn
+                        return self._postprocessed(class_logits, mask_logits, sizes)
+                return self._postprocessed_beside_next_forward(class_logits, mask_logits, sizes)
         except Exception as error:  # noqa: BLE001 - the group's images become error rows, the job goes on
             return [{"error": StageError.from_exception("inference", error)}] * len(pixels)
+
+    def _postprocessed(self, class_logits, mask_logits, sizes: list[tuple[int, int]]) -> list[dict]:
+        try:
+            segments = segment_batch(class_logits, mask_logits, sizes, self._settings)
+        except Exception as error:  # noqa: BLE001 - the group's images become error rows
+            return [{"error": StageError.from_exception("postprocess", error)}] * len(sizes)
         return [{"segments": image} for image in segments]
+
+    def _postprocessed_beside_next_forward(self, class_logits, mask_logits, sizes: list[tuple[int, int]]) -> list[dict]:
+        """GPU: post-processing on this thread's own stream, outside the device lock, so the other call's forward
+        pass is already queued on the default stream while this one's small kernels and host syncs run (its
+        syncs then wait for its own stream only, not for the next forward)."""
+        import torch
+
+        forward_done = torch.cuda.current_stream(self._device).record_event()
+        stream = self._thread_stream("postprocess")
+        stream.wait_event(forward_done)
+        for logits in (class_logits, mask_logits):  # made on the default stream, read on this one
+            logits.record_stream(stream)
+        with torch.cuda.stream(stream):
+            return self._postprocessed(class_logits, mask_logits, sizes)
+
+    def _thread_stream(self, purpose: str):
+        """One CUDA stream per actor thread and purpose, made once (streams are pooled, not free to create)."""
+        import torch
+
+        streams = self._streams.__dict__.setdefault("by_purpose", {})
+        if purpose not in streams:
+            streams[purpose] = torch.cuda.Stream(device=self._device)
+        return streams[purpose]
 
     def _prefetched_pixels(self, pixels: list[np.ndarray], shape: tuple):
         """`_device_pixels` on a side stream (GPU), finished before it returns: overlaps another batch's forward."""
         import torch
 
-        if not self._device.startswith("cuda"):
+        if not self._on_gpu:
             return self._device_pixels(pixels, shape)
-        stream = torch.cuda.Stream(device=self._device)
+        stream = self._thread_stream("input")
         with torch.cuda.stream(stream):
             inputs = self._device_pixels(pixels, shape)
         stream.synchronize()
@@ -168,5 +203,5 @@ def _segmented_row(row: dict, *, error: StageError | None = None, segments: Imag
     return {**out, "segment_task": segments.task, "segment_id": segments.segment_id,
             "segment_label_id": segments.label_id, "segment_score": segments.score,
             "segment_was_fused": segments.was_fused, "segment_runs": [len(r) for r in runs],
-            "run_lengths": np.concatenate(runs).astype(np.uint32).tobytes() if runs else b"",
+            "run_lengths": pack_run_lengths(np.concatenate(runs)) if runs else b"",
             **NO_ERROR_COLUMNS}

@@ -13,8 +13,8 @@ import pyarrow as pa
 from pipeline.model_spec import ModelSpec
 from pipeline.progress import report_progress
 from pipeline.records import (IMAGES_SCHEMA, SEGMENTS_SCHEMA, ImageRecord, SegmentRecord, StageError,
-                              binary_column_views, table_from_records)
-from pipeline.rle import encode_run_lengths
+                              table_from_records)
+from pipeline.rle import encode_run_lengths, run_lengths_column
 from pipeline.sinks import batch_file_stem, write_batch
 from pipeline.storage import StorageConfig
 
@@ -57,7 +57,7 @@ class PostprocessStage:
     def __call__(self, batch: pa.Table) -> pa.Table:
         image_records: list[ImageRecord] = []
         segment_rows: list[SegmentRecord] = []
-        run_lengths = binary_column_views(batch.column("run_lengths"), np.uint32)
+        run_lengths = run_lengths_column(batch.column("run_lengths"))
         for row, runs in zip(batch.drop_columns(["run_lengths"]).to_pylist(), run_lengths):
             image_record, segments = self._process_row(row, runs)
             image_records.append(image_record)

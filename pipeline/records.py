@@ -7,7 +7,7 @@ columns that Ray Data sizes correctly), out of it per segment only ids, label, s
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -51,7 +51,8 @@ SEGMENTED_SCHEMA = pa.schema([
     pa.field("segment_score", pa.list_(pa.float32())),  # null entries for semantic segments
     pa.field("segment_was_fused", pa.list_(pa.bool_())),
     pa.field("segment_runs", pa.list_(pa.int32())),  # how many run lengths each segment has
-    pa.field("run_lengths", pa.large_binary()),  # uint32, every segment's column-major COCO run lengths in turn
+    pa.field("run_lengths", pa.large_binary()),  # every segment's column-major COCO run lengths in turn, packed
+    # by pipeline.rle.pack_run_lengths
     *_ERROR_FIELDS,
 ])
 

@@ -1,15 +1,63 @@
-"""COCO RLE on the host: strings, areas and boxes from column-major run lengths, by pycocotools.
+"""COCO RLE on the host: strings, areas and boxes from column-major run lengths, never from a dense mask.
 
 COCO's uncompressed RLE lists run lengths over the mask read column by column (Fortran order), the first
-run counting zeros (possibly 0 of them). The model stage computes those runs where the masks are; here
-pycocotools compresses them into its string form and derives area and bbox, never seeing a dense mask.
+run counting zeros (possibly 0 of them). The model stage computes those runs where the masks are and packs
+them into 16-bit words for the trip through the object store (`pack_run_lengths`); here pycocotools
+compresses them into its string form and derives area and bbox, never seeing a dense mask.
 """
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 from pycocotools import mask as coco_mask
 
-__all__ = ["encode_run_lengths", "encode_mask", "mask_run_lengths"]
+from pipeline.records import binary_column_views
+
+__all__ = ["encode_run_lengths", "encode_mask", "mask_run_lengths", "pack_run_lengths", "unpack_run_lengths",
+           "run_lengths_column"]
+
+# A count that does not fit 16 bits is written as ESCAPE, count >> 15, count & 0x7FFF: neither payload word can
+# equal ESCAPE (counts stay below 2**30, i.e. images below a billion pixels), so escapes are found without
+# scanning. Long runs are rare (a run
+# longer than 65534 pixels is mostly the background before or after a mask), so most masks pack to half size.
+_ESCAPE = 0xFFFF
+_MAX_COUNT = 2 ** 30
+
+
+def pack_run_lengths(counts: np.ndarray) -> bytes:
+    """Run lengths (any unsigned/int dtype, < 2**30) -> 16-bit words, long counts escaped."""
+    counts = np.asarray(counts, dtype=np.uint32)
+    if counts.size and int(counts.max()) >= _MAX_COUNT:
+        raise ValueError(f"a run of {int(counts.max())} pixels is too long to pack (limit {_MAX_COUNT - 1})")
+    long_run = counts >= _ESCAPE
+    if not long_run.any():
+        return counts.astype(np.uint16).tobytes()
+    packed = np.empty(counts.size + 2 * int(long_run.sum()), dtype=np.uint16)
+    positions = np.arange(counts.size) + 2 * (np.cumsum(long_run) - long_run)
+    packed[positions] = np.where(long_run, _ESCAPE, counts)
+    escaped, long_counts = positions[long_run], counts[long_run]
+    packed[escaped + 1] = long_counts >> 15
+    packed[escaped + 2] = long_counts & 0x7FFF
+    return packed.tobytes()
+
+
+def unpack_run_lengths(packed: np.ndarray | bytes) -> np.ndarray:
+    """`pack_run_lengths`' bytes (or a uint8 view of them) -> uint32 run lengths."""
+    words = np.frombuffer(packed, dtype=np.uint16) if isinstance(packed, bytes) else packed.view(np.uint16)
+    counts = words.astype(np.uint32)
+    escaped = np.flatnonzero(words == _ESCAPE)
+    if escaped.size == 0:
+        return counts
+    counts[escaped] = (counts[escaped + 1] << 15) | counts[escaped + 2]
+    keep = np.ones(counts.size, dtype=bool)
+    keep[escaped + 1] = False
+    keep[escaped + 2] = False
+    return counts[keep]
+
+
+def run_lengths_column(column: pa.ChunkedArray | pa.Array) -> list[np.ndarray | None]:
+    """A SEGMENTED table's `run_lengths` column -> each row's uint32 run lengths (None for error rows)."""
+    return [None if view is None else unpack_run_lengths(view) for view in binary_column_views(column)]
 
 
 def encode_run_lengths(run_lengths: list[np.ndarray], *, height: int, width: int) -> list[dict]:
@@ -19,10 +67,10 @@ def encode_run_lengths(run_lengths: list[np.ndarray], *, height: int, width: int
         return []
     rles = coco_mask.frPyObjects([{"size": [height, width], "counts": counts} for counts in run_lengths],
                                  height, width)
-    areas = coco_mask.area(rles)
-    boxes = coco_mask.toBbox(rles)
-    return [{"size": [height, width], "counts": rle["counts"].decode("ascii"), "area": int(area),
-             "bbox": [float(v) for v in box]} for rle, area, box in zip(rles, areas, boxes)]
+    areas = coco_mask.area(rles).tolist()
+    boxes = coco_mask.toBbox(rles).tolist()
+    return [{"size": [height, width], "counts": rle["counts"].decode("ascii"), "area": area, "bbox": box}
+            for rle, area, box in zip(rles, areas, boxes)]
 
 
 def mask_run_lengths(mask: np.ndarray) -> np.ndarray:

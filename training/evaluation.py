@@ -26,7 +26,8 @@ from pipeline.inference import InferenceStage
 from pipeline.model_spec import resolve_model
 from pipeline.postprocess import segment_records
 from pipeline.preprocess import PreprocessStage
-from pipeline.records import FETCHED_SCHEMA, SEGMENTS_SCHEMA, TASKS, binary_column_views, table_from_records
+from pipeline.records import FETCHED_SCHEMA, SEGMENTS_SCHEMA, TASKS, table_from_records
+from pipeline.rle import run_lengths_column
 from pipeline.run_tables import read_run_tables
 from pipeline.storage import StorageConfig
 from training.metrics import (PanopticSegment, SemanticConfusion, accumulate_panoptic_stats, mask_average_precision,
@@ -147,7 +148,7 @@ def predict_segments(model_uri: str, ground_truth: GroundTruthSplit, *, settings
               "data": storage.read_bytes(ground_truth.image_uri(image))} for image in images[start:start + batch_size]],
             schema=FETCHED_SCHEMA)
         segmented = inference(preprocess(fetched))
-        run_lengths = binary_column_views(segmented.column("run_lengths"), np.uint32)
+        run_lengths = run_lengths_column(segmented.column("run_lengths"))
         for row, runs in zip(segmented.drop_columns(["run_lengths"]).to_pylist(), run_lengths):
             if row["error_stage"]:
                 raise ValueError(f"{row['image_uri']}: {row['error_stage']} failed: {row['error_message']}")

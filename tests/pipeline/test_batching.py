@@ -17,6 +17,7 @@ from pipeline.inference import InferenceStage, group_by_shape
 from pipeline.model_spec import resolve_model
 from pipeline.preprocess import PreprocessStage
 from pipeline.records import FETCHED_SCHEMA
+from pipeline.rle import unpack_run_lengths
 from pipeline.storage import StorageConfig
 from pipeline_test_images import image_bytes, random_rgb
 
@@ -89,7 +90,7 @@ def test_each_image_in_a_mixed_batch_gets_its_single_image_result(aspect_preserv
         assert row["segment_label_id"] == expected.label_id
         np.testing.assert_allclose([s or 0 for s in row["segment_score"]], [s or 0 for s in expected.score],
                                    atol=1e-5)
-        runs = np.frombuffer(row["run_lengths"], np.uint32)
+        runs = unpack_run_lengths(row["run_lengths"])
         assert np.array_equal(runs, np.concatenate(expected.run_lengths))
         assert row["segment_runs"] == [len(r) for r in expected.run_lengths]
 

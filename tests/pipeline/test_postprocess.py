@@ -13,7 +13,7 @@ from pycocotools import mask as coco_mask
 from m2f_model import post_processing
 from pipeline.device_postprocess import PostprocessSettings, segment_batch
 from pipeline.postprocess import segment_records
-from pipeline.rle import encode_mask, encode_run_lengths, mask_run_lengths
+from pipeline.rle import encode_mask, encode_run_lengths, mask_run_lengths, pack_run_lengths, unpack_run_lengths
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 # Random logits score classes near 1/labels and panoptic weighs mask probabilities by that score: low
@@ -143,6 +143,21 @@ def test_run_lengths_give_pycocotools_own_rle_area_and_box(shape):
         assert encoded["bbox"] == [float(v) for v in coco_mask.toBbox(reference)]
 
 
+def test_packed_run_lengths_round_trip_long_runs_included():
+    rng = np.random.default_rng(3)
+    counts = rng.integers(0, 2 ** 30, size=500).astype(np.uint32)
+    counts[rng.random(500) < 0.8] %= 70_000  # mostly short, some just above and below the 16-bit escape
+    counts[:6] = [0, 0xFFFE, 0xFFFF, 0x10000, 0x17FFF, 2 ** 30 - 1]
+    packed = pack_run_lengths(counts)
+    assert np.array_equal(unpack_run_lengths(packed), counts)
+    # a view into a larger buffer at an odd offset, as a binary column hands it over
+    assert np.array_equal(unpack_run_lengths(np.frombuffer(b"x" + packed, np.uint8)[1:]), counts)
+    short = rng.integers(0, 0xFFFF, size=1000).astype(np.uint32)
+    assert len(pack_run_lengths(short)) == 2 * short.size  # half of uint32
+    with pytest.raises(ValueError, match="too long"):
+        pack_run_lengths(np.array([2 ** 30], np.uint32))
+
+
 def test_device_run_lengths_match_dense_encoding_at_the_edges():
     # A mask on the first and last pixels (runs that start at 0 and end at the last pixel), and a label map.
     label_map = torch.zeros((1, 1, 6, 5))
@@ -181,3 +196,23 @@ def test_no_segments_give_no_rle():
 def test_unknown_task_is_rejected_with_the_choices():
     with pytest.raises(ValueError, match="panoptic,instance,semantic"):
         PostprocessSettings(tasks=("panoptic", "depth"))
+
+
+def test_binary_mask_counts_equal_per_mask_run_lengths():
+    """The all-masks-at-once path for instance masks gives each mask's own COCO counts."""
+    from pipeline.device_postprocess import _MapRuns, _binary_mask_counts, _run_table
+
+    rng = np.random.default_rng(5)
+    height, width = 9, 7
+    masks = [rng.random((height, width)) < 0.4, np.ones((height, width), bool), np.zeros((height, width), bool)]
+    for y, x in ((0, 0), (height - 1, width - 1), (4, 3)):
+        masks.append(np.zeros((height, width), bool))
+        masks[-1][y, x] = True
+    table = _run_table(torch.from_numpy(np.stack(masks).astype(np.uint8))).numpy()
+    counts = _binary_mask_counts(table, height * width)
+    per_mask = _MapRuns(table, height * width)
+    assert len(counts) == len(masks)
+    for index, mask in enumerate(masks):
+        assert np.array_equal(counts[index], mask_run_lengths(mask)), index
+        assert np.array_equal(counts[index], per_mask.of(index, 1)), index
+        assert counts[index].dtype == np.uint32
