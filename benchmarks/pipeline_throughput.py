@@ -270,7 +270,7 @@ def stage_costs(model_dir: Path, image_paths: list[Path], *, batch_size: int, de
     import torch
 
     from pipeline.device_postprocess import PostprocessSettings, segments_from_run_table, segments_on_device
-    from pipeline.inference import InferenceStage, _segmented_row
+    from pipeline.inference import CPU_POSTPROCESS_THREADS, InferenceStage, _segmented_row, torch_threads
     from pipeline.model_spec import resolve_model
     from pipeline.postprocess import PostprocessStage
     from pipeline.preprocess import PreprocessStage
@@ -288,96 +288,82 @@ def stage_costs(model_dir: Path, image_paths: list[Path], *, batch_size: int, de
     fetched = [pa.Table.from_pylist([{"image_uri": str(p), "image_id": p.name, "data": p.read_bytes()}
                                      for p in image_paths[start:start + batch_size]], schema=FETCHED_SCHEMA)
                for start in range(0, len(image_paths), batch_size)]
-    with _torch_threads(1):
+    with torch_threads(1):
         warm_up = preprocess(fetched[0])
     inference(warm_up)  # warm-up: first-call allocations and kernel choices, untimed
     # The model stage's call is timed whole, and again in parts: forward and device post-processing are the
     # device's work; pixels to the device (pinned copy, normalise) and the segment rows are its host work.
-    cpu = {"decode_resize": 0.0, "model_stage_call": 0.0, "pixels_to_host_buffer": 0.0,
-           "copy_and_normalise_on_device": 0.0, "forward": 0.0, "device_postprocess": 0.0,
-           "run_lengths_from_run_table": 0.0, "segment_rows": 0.0, "write": 0.0}
+    cpu: dict[str, float] = defaultdict(float)
+    wall: dict[str, float] = defaultdict(float)
+
+    @contextlib.contextmanager
+    def timed(name: str, threads: int | None = None):
+        with torch_threads(threads or torch.get_num_threads()):
+            cpu_started, wall_started = time.process_time(), time.perf_counter()
+            yield
+            _synchronize(device)
+            cpu[name] += time.process_time() - cpu_started
+            wall[name] += time.perf_counter() - wall_started
+
     sizes = {"fetched": 0, "preprocessed": 0, "segmented": 0, "images_rows": 0}
     segments = 0
+    postprocess_threads = CPU_POSTPROCESS_THREADS if device == "cpu" else None
     for batch in fetched:
-        with _torch_threads(1):
-            started = time.process_time()
+        with timed("decode_resize", threads=1):
             preprocessed = preprocess(batch)
-            cpu["decode_resize"] += time.process_time() - started
-        started = time.process_time()
-        segmented = inference(preprocessed)
-        _synchronize(device)
-        cpu["model_stage_call"] += time.process_time() - started
-        # The model stage's device work alone, on the same inputs: forward, then every task's post-processing.
+        with timed("model_stage_call"):
+            segmented = inference(preprocessed)
+        # The model stage's work again in its parts, on the same inputs.
         shape = tuple(preprocessed["pixel_shape"][0].as_py())
         sizes_hw = list(zip(preprocessed["height"].to_pylist(), preprocessed["width"].to_pylist()))
         with torch.inference_mode():
-            started = time.process_time()
-            host = inference._host_batch([np.frombuffer(p, np.uint8) for p in preprocessed["pixels"].to_pylist()],
-                                         shape)
-            cpu["pixels_to_host_buffer"] += time.process_time() - started
-            started = time.process_time()
-            inputs = inference._normalised_on_device(host)
-            _synchronize(device)
-            cpu["copy_and_normalise_on_device"] += time.process_time() - started
-            started = time.process_time()
-            outputs = inference._model(pixel_values=inputs)
-            _synchronize(device)
-            cpu["forward"] += time.process_time() - started
-            started = time.process_time()
-            results, run_table = segments_on_device(outputs.class_queries_logits.float(),
-                                                    outputs.masks_queries_logits.float(), sizes_hw, settings)
-            _synchronize(device)
-            cpu["device_postprocess"] += time.process_time() - started
-        started = time.process_time()
-        image_segments = segments_from_run_table(results, run_table, sizes_hw)
-        cpu["run_lengths_from_run_table"] += time.process_time() - started
-        started = time.process_time()
-        rows = [_segmented_row(row, segments=image) for row, image in
-                zip(preprocessed.drop_columns(["pixels"]).to_pylist(), image_segments)]
-        pa.Table.from_pylist(rows, schema=SEGMENTED_SCHEMA)
-        cpu["segment_rows"] += time.process_time() - started
-        with _torch_threads(1):
-            started = time.process_time()
+            with timed("pixels_to_host_buffer"):
+                host = inference._host_batch([np.frombuffer(p, np.uint8) for p in preprocessed["pixels"].to_pylist()],
+                                             shape)
+            with timed("copy_and_normalise_on_device"):
+                inputs = inference._normalised_on_device(host)
+            with timed("forward"):
+                outputs = inference._model(pixel_values=inputs)
+            with timed("device_postprocess", threads=postprocess_threads):
+                results, run_table = segments_on_device(outputs.class_queries_logits.float(),
+                                                        outputs.masks_queries_logits.float(), sizes_hw, settings)
+        with timed("run_lengths_from_run_table"):
+            image_segments = segments_from_run_table(results, run_table, sizes_hw)
+        with timed("segment_rows"):
+            rows = [_segmented_row(row, segments=image) for row, image in
+                    zip(preprocessed.drop_columns(["pixels"]).to_pylist(), image_segments)]
+            pa.Table.from_pylist(rows, schema=SEGMENTED_SCHEMA)
+        with timed("write", threads=1):
             images = write(segmented)
-            cpu["write"] += time.process_time() - started
         segments += sum(len(t) for t in segmented["segment_task"].to_pylist())
         for name, table in (("fetched", batch), ("preprocessed", preprocessed), ("segmented", segmented),
                             ("images_rows", images)):
             sizes[name] += table.nbytes
     count = len(image_paths)
-    model_host = cpu["pixels_to_host_buffer"] + cpu["run_lengths_from_run_table"] + cpu["segment_rows"]
+    model_host_parts = ("pixels_to_host_buffer", "run_lengths_from_run_table", "segment_rows")
     per_image_ms = {name: round(1000 * value / count, 2) for name, value in cpu.items()}
-    per_image_ms["model_stage_host"] = round(1000 * model_host / count, 2)
-    # Host work: decode+resize, the model stage's host part (filling the input buffer, segment rows), writing.
-    # Copying to the device and normalising there is the device's work, like the forward (on a CPU "device"
-    # the same cores do it, so it is also reported beside).
+    per_image_ms["model_stage_host"] = round(1000 * sum(cpu[name] for name in model_host_parts) / count, 2)
+    # Host work: decode+resize, the model stage's host part (filling the input buffer, run lengths, segment rows),
+    # writing. Copying to the device and normalising there is the device's work, like the forward (on a CPU
+    # "device" the same cores do it, so it is also reported beside).
     host_ms = per_image_ms["decode_resize"] + per_image_ms["model_stage_host"] + per_image_ms["write"]
     object_store = sizes["preprocessed"] + sizes["segmented"] + sizes["images_rows"]
-    model_stage_ms = (per_image_ms["forward"] + per_image_ms["device_postprocess"] + per_image_ms["model_stage_host"]
-                      + per_image_ms["copy_and_normalise_on_device"])
+    model_stage_wall = sum(wall[name] for name in ("forward", "device_postprocess", "copy_and_normalise_on_device",
+                                                   *model_host_parts))
     return {"images": count, "device": device, "dtype": dtype, "segments_per_image": round(segments / count, 1),
-            # CPU-time proxy of the marginal rate ratio where the model stage is the bottleneck (robust to a
-            # shared machine's load, unlike wall-clock rates): forward alone / the model stage's whole work.
-            "forward_share_of_model_stage": round(per_image_ms["forward"] / model_stage_ms, 4) if model_stage_ms
-            else None,
+            # The marginal rate ratio the model stage allows when it is the bottleneck: its forward passes' time
+            # over the time of all its parts, in turn as the model actor runs them (wall clock: the forward uses
+            # every core, post-processing one on CPU).
+            "forward_share_of_model_stage": round(wall["forward"] / model_stage_wall, 4),
+            "model_stage_wall_ms_per_image": {name: round(1000 * wall[name] / count, 2) for name in
+                                              ("forward", "device_postprocess", "copy_and_normalise_on_device",
+                                               *model_host_parts)},
             "cpu_ms_per_image": per_image_ms, "host_cpu_ms_per_image": round(host_ms, 2),
             "host_cpu_ms_per_image_with_device_normalise": round(
                 host_ms + per_image_ms["copy_and_normalise_on_device"], 2),
             "bytes_per_image": {name: int(value / count) for name, value in sizes.items()},
             "object_store_bytes_per_image": int(object_store / count),
             "pixel_shape": list(shape), "torch_threads": torch.get_num_threads()}
-
-
-@contextlib.contextmanager
-def _torch_threads(count: int):
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -502,9 +488,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"host CPU per image, every stage, forward and device post-processing excepted: "
           f"{costs['host_cpu_ms_per_image']:.2f} ms (bar <= 15 ms at 480x640); with the copy to the device and "
           f"normalising there: {costs['host_cpu_ms_per_image_with_device_normalise']:.2f} ms")
-    if device == "cpu":
-        print(f"forward share of the model stage's CPU work: {costs['forward_share_of_model_stage']:.3f} (the marginal "
-              "rate ratio it allows when the model stage is the bottleneck; bar >= 0.8)")
+    print(f"model stage, wall ms per image by part: {costs['model_stage_wall_ms_per_image']}; forward share "
+          f"{costs['forward_share_of_model_stage']:.3f} (the marginal rate ratio it allows when the model stage is the "
+          "bottleneck; bar >= 0.8)")
     print(f"object store bytes per image: {costs['object_store_bytes_per_image'] / 1e6:.3f} MB "
           f"(bar <= 3 MB at 800x1088); by stage output: {costs['bytes_per_image']}", flush=True)
 
