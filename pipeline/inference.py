@@ -48,7 +48,7 @@ COMPILE_PROGRESS_KEY = "model_compile_ms"
 
 @contextlib.contextmanager
 def torch_threads(count: int) -> Iterator[None]:
-    """torch's intra-op thread count set to `count` for the block, then restored."""
+    """torch's intra-op thread count of the calling thread set to `count` for the block, then restored."""
     import torch
 
     before = torch.get_num_threads()
@@ -87,9 +87,11 @@ class InferenceStage:
                  device: str | None = None, tracker=None) -> None:
         import torch
 
+        # Ray pins OMP_NUM_THREADS to the actor's (fractional) CPU request; a CPU model actor is meant to use the
+        # cores the pool plan gave it. torch's thread count is per thread (a new thread copies the process-wide
+        # value on its first parallel op), and calls run on the actor's own threads: each call sets it again.
+        self._torch_threads = torch_threads
         if torch_threads:
-            # Ray pins OMP_NUM_THREADS to the actor's (fractional) CPU request; a CPU model actor is meant to
-            # use the cores the pool plan gave it.
             torch.set_num_threads(torch_threads)
         self._device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self._dtype = getattr(torch, dtype or default_dtype(self._device))
@@ -128,6 +130,8 @@ class InferenceStage:
         """Same-shape images -> one forward pass and the post-processing of every task, on the device."""
         import torch
 
+        if self._torch_threads:
+            torch.set_num_threads(self._torch_threads)
         try:
             with torch.inference_mode():
                 inputs = self._prefetched_pixels(pixels, shape)
