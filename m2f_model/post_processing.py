@@ -51,6 +51,7 @@ __all__ = [
     "post_process_instance_segmentation",
     "post_process_panoptic_segmentation",
     "post_process_tasks",
+    "nearest_source_indices",
 ]
 
 # transformers upsamples every mask to this size before anything else ("(384, 384) for all models").
@@ -334,11 +335,19 @@ def post_process_instance_segmentation(
 
 
 def _instances(class_logits: torch.Tensor, working: _WorkingMasks, sizes: list[tuple[int, int]] | None, *,
-               threshold: float, mask_threshold: float | None) -> list[tuple[torch.Tensor, list[dict]]]:
-    """Per image (K, H, W) uint8 masks (K may be 0) and their segments_info, in the reference's order."""
+               threshold: float, mask_threshold: float | None,
+               upsampled_masks: bool = True) -> list[tuple[torch.Tensor, list[dict]]]:
+    """Per image (K, H, W) uint8 masks (K may be 0) and their segments_info, in the reference's order.
+
+    `upsampled_masks=False` leaves masks at the working size when the target is at least as large in both
+    dimensions (the reference's nearest upsampling then keeps every mask non-empty, so the kept instances are
+    the same); the caller can then read the target masks through the nearest index maps."""
     results = []
     for index in range(class_logits.shape[0]):
         target_size = sizes[index] if sizes is not None else None
+        if target_size is not None and not upsampled_masks and all(
+                target >= working for target, working in zip(target_size, working.size(index))):
+            target_size = None
         masks, labels, scores = _select_instances(class_logits[index], working.logits(index), working.probs(index),
                                                   target_size=target_size, mask_threshold=mask_threshold,
                                                   threshold=threshold)
@@ -391,6 +400,13 @@ def _select_instances(class_logits: torch.Tensor, mask_logits: torch.Tensor, mas
     if not bool(non_empty.all()):  # (a mask can vanish when the target is smaller than the working size)
         masks, passing = masks[non_empty], passing[non_empty]
     return masks, top_labels[candidates[passing]].tolist(), candidate_scores[passing].tolist()
+
+
+def nearest_source_indices(source_size: int, target_size: int, device: torch.device | str) -> torch.Tensor:
+    """(target_size,) int64: the source index each output index reads in a "nearest" `F.interpolate` from
+    `source_size` to `target_size` along one dimension (taken from the kernel itself, so it always agrees)."""
+    positions = torch.arange(source_size, dtype=torch.float32, device=device).view(1, 1, source_size, 1)
+    return F.interpolate(positions, size=(target_size, 1), mode="nearest").view(-1).to(torch.int64)
 
 
 def _last_writer_id_map(masks: torch.Tensor) -> torch.Tensor:
@@ -479,6 +495,7 @@ def post_process_tasks(
     intermediate_size: tuple[int, int] | None = REFERENCE_INTERMEDIATE_SIZE,
     unique_segment_ids: bool = False,
     use_mask_threshold: bool = False,
+    instance_masks_at_working_size: bool = False,
 ) -> list[dict[str, Any]]:
     """Several tasks from one upsampling of the mask logits: per image {task: result}.
 
@@ -487,6 +504,11 @@ def post_process_tasks(
     "semantic" as `post_process_semantic_segmentation` (the map), "instance" as
     `post_process_instance_segmentation(return_binary_maps=True)` but with the masks as (K, H, W)
     uint8 under "masks" (K may be 0) beside "segments_info".
+
+    `instance_masks_at_working_size=True`: where an image's target size is at least the working size in
+    both dimensions, its instance masks stay at the working size (K, h, w); the target masks are their
+    nearest-neighbour upsampling (`masks[:, rows][:, :, columns]` with `nearest_source_indices`), which a
+    caller can read without materialising them.
     """
     unknown = [task for task in tasks if task not in TASKS]
     if unknown or not tasks:
@@ -503,7 +525,8 @@ def post_process_tasks(
             result["panoptic"] = image_result
     if "instance" in tasks:
         instances = _instances(class_logits, working, sizes, threshold=threshold,
-                               mask_threshold=mask_threshold if use_mask_threshold else None)
+                               mask_threshold=mask_threshold if use_mask_threshold else None,
+                               upsampled_masks=not instance_masks_at_working_size)
         for result, (masks, segments) in zip(results, instances):
             result["instance"] = {"masks": masks, "segments_info": segments}
     if "semantic" in tasks:

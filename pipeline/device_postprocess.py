@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from m2f_model.post_processing import post_process_tasks
+from m2f_model.post_processing import nearest_source_indices, post_process_tasks
 from pipeline.records import TASKS
 
 __all__ = ["PostprocessSettings", "ImageSegments", "segment_batch", "segments_on_device", "segments_from_run_table"]
@@ -88,17 +88,20 @@ def segments_on_device(class_logits: torch.Tensor, mask_logits: torch.Tensor, ta
         target_sizes=[size],
         # transformers' numbering can give the segment after a reused fused id an id already taken by another
         # label; the map could then not tell the two apart.
-        unique_segment_ids=True)[0] for index, size in enumerate(target_sizes)]
+        unique_segment_ids=True,
+        # instance masks stay at the working size; their runs at the target size are read off them below
+        instance_masks_at_working_size=True)[0] for index, size in enumerate(target_sizes)]
     # Run tables of every map of the batch, then one copy to the host.
-    maps: list[torch.Tensor] = []  # (M, H, W) stacks; per image: [panoptic+semantic label maps], [instance masks]
+    tables = []  # per image: runs of [panoptic + semantic label maps], then of [instance masks]
     for (height, width), result in zip(target_sizes, results):
         label_maps = [result[task] if task == "semantic" else result[task]["segmentation"]
                       for task in ("panoptic", "semantic") if task in result]
-        maps.append(torch.stack([m.to(torch.int32) for m in label_maps]) if label_maps
-                    else torch.zeros((0, height, width), dtype=torch.int32, device=class_logits.device))
-        maps.append(result["instance"]["masks"] if "instance" in result
-                    else torch.zeros((0, height, width), dtype=torch.uint8, device=class_logits.device))
-    tables = [_run_table(stack) for stack in maps]
+        tables.append(_run_table(torch.stack([m.to(torch.int32) for m in label_maps]) if label_maps
+                                 else torch.zeros((0, height, width), dtype=torch.int32, device=class_logits.device)))
+        masks = result["instance"]["masks"] if "instance" in result \
+            else torch.zeros((0, height, width), dtype=torch.uint8, device=class_logits.device)
+        tables.append(_run_table(masks) if tuple(masks.shape[1:]) == (height, width)
+                      else _upsampled_run_table(masks, (height, width)))
     host = torch.cat(tables).cpu().numpy() if tables else np.zeros((0, 3), np.int32)
     return results, _RunTable(host, np.cumsum([0] + [len(t) for t in tables]))
 
@@ -156,6 +159,55 @@ def _run_table(maps: torch.Tensor) -> torch.Tensor:
     map_index, start = starts.nonzero(as_tuple=True)
     return torch.stack([map_index.to(torch.int32), start.to(torch.int32), flat[map_index, start].to(torch.int32)],
                        dim=1)
+
+
+def _upsampled_run_table(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """`_run_table` of the nearest-neighbour upsampling of (K, h, w) masks to `size` (each side >= the masks'),
+    computed from the small masks: half the pixels and no upsampled copy at 384x384 -> 480x640.
+
+    Target pixel (y, x) reads source (rows[y], columns[x]); with upsampling every source row and column is read.
+    Along a target column a run starts where the source column changes between rows r-1 and r, at the first
+    target row reading r; a target column's first pixel starts a run when it differs from the previous target
+    column's last pixel (always at the first column). Target columns reading the same source column repeat
+    its runs.
+    """
+    device = masks.device
+    count, height, width = masks.shape
+    out_height, out_width = size
+    rows = nearest_source_indices(height, out_height, device)  # (H,)
+    columns = nearest_source_indices(width, out_width, device)  # (W,)
+    first_row = torch.searchsorted(rows, torch.arange(height, device=device))  # first target row reading row r
+    by_column = masks.transpose(1, 2).contiguous()  # (K, w, h): source columns
+    # changes inside source columns: (mask, source column, source row r >= 1)
+    mask_of, column_of, row_of = (by_column[:, :, 1:] != by_column[:, :, :-1]).nonzero(as_tuple=True)
+    row_of = row_of + 1
+    per_source_column = torch.bincount(mask_of * width + column_of, minlength=count * width).view(count, width)
+    first_change = (torch.cumsum(per_source_column.flatten(), 0) - per_source_column.flatten()).view(count, width)
+    inner = per_source_column[:, columns]  # (K, W): changes inside each target column
+    inner_start = first_change[:, columns]  # (K, W): where they are listed
+    top, bottom = by_column[:, columns, 0], by_column[:, columns, height - 1]  # (K, W) first / last pixel values
+    column_start = torch.ones((count, out_width), dtype=torch.bool, device=device)
+    column_start[:, 1:] = top[:, 1:] != bottom[:, :-1]
+    runs = (column_start.to(torch.int64) + inner).flatten()  # runs starting in each (mask, target column)
+    offset = torch.cumsum(runs, 0) - runs
+    table = torch.empty((int(runs.sum()), 3), dtype=torch.int32, device=device)
+    # runs starting at a target column's top
+    start_mask, start_column = column_start.nonzero(as_tuple=True)
+    at = offset.view(count, out_width)[start_mask, start_column]
+    table[at, 0] = start_mask.to(torch.int32)
+    table[at, 1] = (start_column * out_height).to(torch.int32)
+    table[at, 2] = top[start_mask, start_column].to(torch.int32)
+    # runs starting inside target columns: each target column lists its source column's changes
+    inner_flat = inner.flatten()
+    owner = torch.repeat_interleave(torch.arange(count * out_width, device=device), inner_flat)
+    within = torch.arange(owner.numel(), device=device) - (torch.cumsum(inner_flat, 0) - inner_flat)[owner]
+    change = inner_start.flatten()[owner] + within
+    target_mask, target_column = owner // out_width, owner % out_width
+    at = offset[owner] + column_start.flatten()[owner].to(torch.int64) + within
+    table[at, 0] = target_mask.to(torch.int32)
+    table[at, 1] = (target_column * out_height + first_row[row_of[change]]).to(torch.int32)
+    table[at, 2] = by_column[mask_of[change], column_of[change], row_of[change]].to(torch.int32)
+    return table
 
 
 def _binary_mask_counts(table: np.ndarray, pixels: int) -> list[np.ndarray]:

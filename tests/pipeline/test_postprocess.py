@@ -107,6 +107,18 @@ def test_coco_shaped_head_segments_equal_the_post_processors(device):
     assert_segments_equal(images, expected)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_targets_larger_than_the_working_size_equal_the_post_processors(device):
+    """Instance masks are then read off the 384x384 working masks (no upsampled copy): same segments."""
+    outputs = random_outputs(3, batch=2, queries=12, labels=6, device=device)
+    settings = PostprocessSettings(**LOW)
+    sizes = [(480, 640), (384, 401)]
+    images = segment_batch(outputs.class_queries_logits, outputs.masks_queries_logits, sizes, settings)
+    expected = expected_segments(outputs, sizes, settings)
+    assert all(sum(task == "instance" for task, _ in image) > 1 for image in expected)
+    assert_segments_equal(images, expected)
+
+
 def test_tasks_option_limits_what_is_produced():
     outputs = random_outputs(0)
     images = segment_batch(outputs.class_queries_logits, outputs.masks_queries_logits, TARGET_SIZES,
@@ -216,3 +228,18 @@ def test_binary_mask_counts_equal_per_mask_run_lengths():
         assert np.array_equal(counts[index], mask_run_lengths(mask)), index
         assert np.array_equal(counts[index], per_mask.of(index, 1)), index
         assert counts[index].dtype == np.uint32
+
+
+@pytest.mark.parametrize("small, size", [((7, 5), (7, 5)), ((7, 5), (8, 5)), ((7, 5), (7, 13)), ((6, 9), (40, 31)),
+                                         ((1, 1), (3, 4)), ((12, 12), (15, 20))])
+def test_upsampled_run_table_equals_the_run_table_of_the_upsampled_masks(small, size):
+    from pipeline.device_postprocess import _run_table, _upsampled_run_table
+
+    rng = np.random.default_rng(sum(small) + sum(size))
+    masks = [rng.random(small) < 0.4, np.ones(small, bool), np.zeros(small, bool), rng.random(small) < 0.9]
+    corner = np.zeros(small, bool)
+    corner[-1, -1] = True
+    stack = torch.from_numpy(np.stack(masks + [corner]).astype(np.uint8))
+    upsampled = torch.nn.functional.interpolate(stack[None], size=size, mode="nearest")[0]
+    assert torch.equal(_upsampled_run_table(stack, size), _run_table(upsampled))
+    assert _upsampled_run_table(stack[:0], size).shape == (0, 3)
