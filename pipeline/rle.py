@@ -27,32 +27,31 @@ _MAX_COUNT = 2 ** 30
 def pack_run_lengths(counts: np.ndarray) -> bytes:
     """Run lengths (any unsigned/int dtype, < 2**30) -> 16-bit words, long counts escaped."""
     counts = np.asarray(counts, dtype=np.uint32)
-    if counts.size and int(counts.max()) >= _MAX_COUNT:
-        raise ValueError(f"a run of {int(counts.max())} pixels is too long to pack (limit {_MAX_COUNT - 1})")
-    long_run = counts >= _ESCAPE
-    if not long_run.any():
-        return counts.astype(np.uint16).tobytes()
-    packed = np.empty(counts.size + 2 * int(long_run.sum()), dtype=np.uint16)
-    positions = np.arange(counts.size) + 2 * (np.cumsum(long_run) - long_run)
-    packed[positions] = np.where(long_run, _ESCAPE, counts)
-    escaped, long_counts = positions[long_run], counts[long_run]
-    packed[escaped + 1] = long_counts >> 15
-    packed[escaped + 2] = long_counts & 0x7FFF
-    return packed.tobytes()
+    words = counts.astype(np.uint16)  # long counts wrap here; they are overwritten below
+    long_run = np.flatnonzero(counts >= _ESCAPE)
+    if long_run.size == 0:
+        return words.tobytes()
+    long_counts = counts[long_run]
+    if int(long_counts.max()) >= _MAX_COUNT:
+        raise ValueError(f"a run of {int(long_counts.max())} pixels is too long to pack (limit {_MAX_COUNT - 1})")
+    words[long_run] = _ESCAPE
+    payload = np.empty((long_run.size, 2), dtype=np.uint16)  # per long count: its high and low 15 bits
+    payload[:, 0] = long_counts >> 15
+    payload[:, 1] = long_counts & 0x7FFF
+    # Equal insertion indices keep their order, so each escape is followed by its high word, then its low one.
+    return np.insert(words, np.repeat(long_run + 1, 2), payload.ravel()).tobytes()
 
 
 def unpack_run_lengths(packed: np.ndarray | bytes) -> np.ndarray:
     """`pack_run_lengths`' bytes (or a uint8 view of them) -> uint32 run lengths."""
     words = np.frombuffer(packed, dtype=np.uint16) if isinstance(packed, bytes) else packed.view(np.uint16)
-    counts = words.astype(np.uint32)
     escaped = np.flatnonzero(words == _ESCAPE)
     if escaped.size == 0:
-        return counts
-    counts[escaped] = (counts[escaped + 1] << 15) | counts[escaped + 2]
-    keep = np.ones(counts.size, dtype=bool)
-    keep[escaped + 1] = False
-    keep[escaped + 2] = False
-    return counts[keep]
+        return words.astype(np.uint32)
+    long_counts = (words[escaped + 1].astype(np.uint32) << 15) | words[escaped + 2]
+    counts = np.delete(words, np.concatenate((escaped + 1, escaped + 2))).astype(np.uint32)
+    counts[escaped - 2 * np.arange(escaped.size)] = long_counts  # each escape, once the payloads before it are gone
+    return counts
 
 
 def run_lengths_column(column: pa.ChunkedArray | pa.Array) -> list[np.ndarray | None]:

@@ -216,3 +216,9 @@ def test_binary_mask_counts_equal_per_mask_run_lengths():
         assert np.array_equal(counts[index], mask_run_lengths(mask)), index
         assert np.array_equal(counts[index], per_mask.of(index, 1)), index
         assert counts[index].dtype == np.uint32
+
+
+def test_packed_words_escape_a_long_count_as_its_high_and_low_15_bits():
+    counts = np.array([5, 70_000, 3, 0xFFFF, 0xFFFF], np.uint32)
+    words = np.frombuffer(pack_run_lengths(counts), np.uint16)
+    assert words.tolist() == [5, 0xFFFF, 70_000 >> 15, 70_000 & 0x7FFF, 3, 0xFFFF, 1, 0x7FFF, 0xFFFF, 1, 0x7FFF]
