@@ -7,14 +7,16 @@ compresses them into its string form and derives area and bbox, never seeing a d
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pyarrow as pa
 from pycocotools import mask as coco_mask
 
 from pipeline.records import binary_column_views
 
-__all__ = ["encode_run_lengths", "encode_mask", "mask_run_lengths", "pack_run_lengths", "unpack_run_lengths",
-           "run_lengths_column"]
+__all__ = ["CompressedMasks", "compress_run_lengths", "encode_run_lengths", "encode_mask", "mask_run_lengths",
+           "pack_run_lengths", "unpack_run_lengths", "run_lengths_column"]
 
 # A count that does not fit 16 bits is written as ESCAPE, count >> 15, count & 0x7FFF: neither payload word can
 # equal ESCAPE (counts stay below 2**30, i.e. images below a billion pixels), so escapes are found without
@@ -59,17 +61,31 @@ def run_lengths_column(column: pa.ChunkedArray | pa.Array) -> list[np.ndarray | 
     return [None if view is None else unpack_run_lengths(view) for view in binary_column_views(column)]
 
 
-def encode_run_lengths(run_lengths: list[np.ndarray], *, height: int, width: int) -> list[dict]:
-    """Masks of one image given as column-major run lengths (first run = zeros) -> per mask
-    {'size': [h, w], 'counts': compressed COCO RLE str, 'area': int, 'bbox': [x, y, w, h]}."""
+@dataclass
+class CompressedMasks:
+    """Masks of one image as pycocotools gives them, one entry per mask."""
+
+    counts: list[bytes]  # compressed COCO RLE (ASCII)
+    area: np.ndarray  # (masks,) uint32
+    bbox: np.ndarray  # (masks, 4) float64, COCO [x, y, width, height]
+
+
+def compress_run_lengths(run_lengths: list[np.ndarray], *, height: int, width: int) -> CompressedMasks:
+    """Masks of one image given as column-major run lengths (first run = zeros) -> RLE strings, areas, boxes."""
     if not run_lengths:
-        return []
+        return CompressedMasks(counts=[], area=np.zeros(0, np.uint32), bbox=np.zeros((0, 4)))
     rles = coco_mask.frPyObjects([{"size": [height, width], "counts": counts} for counts in run_lengths],
                                  height, width)
-    areas = coco_mask.area(rles).tolist()
-    boxes = coco_mask.toBbox(rles).tolist()
-    return [{"size": [height, width], "counts": rle["counts"].decode("ascii"), "area": area, "bbox": box}
-            for rle, area, box in zip(rles, areas, boxes)]
+    return CompressedMasks(counts=[rle["counts"] for rle in rles], area=coco_mask.area(rles),
+                           bbox=coco_mask.toBbox(rles))
+
+
+def encode_run_lengths(run_lengths: list[np.ndarray], *, height: int, width: int) -> list[dict]:
+    """`compress_run_lengths` as one dict per mask:
+    {'size': [h, w], 'counts': compressed COCO RLE str, 'area': int, 'bbox': [x, y, w, h]}."""
+    masks = compress_run_lengths(run_lengths, height=height, width=width)
+    return [{"size": [height, width], "counts": counts.decode("ascii"), "area": area, "bbox": box}
+            for counts, area, box in zip(masks.counts, masks.area.tolist(), masks.bbox.tolist())]
 
 
 def mask_run_lengths(mask: np.ndarray) -> np.ndarray:
