@@ -274,7 +274,7 @@ def stage_costs(model_dir: Path, image_paths: list[Path], *, batch_size: int, de
     from pipeline.model_spec import resolve_model
     from pipeline.postprocess import PostprocessStage
     from pipeline.preprocess import PreprocessStage
-    from pipeline.records import FETCHED_SCHEMA, SEGMENTED_SCHEMA
+    from pipeline.records import FETCHED_SCHEMA, SEGMENTED_SCHEMA, binary_column_views
     from pipeline.storage import StorageConfig
 
     storage = StorageConfig.resolve({}, environ={})
@@ -318,8 +318,8 @@ def stage_costs(model_dir: Path, image_paths: list[Path], *, batch_size: int, de
         sizes_hw = list(zip(preprocessed["height"].to_pylist(), preprocessed["width"].to_pylist()))
         with torch.inference_mode():
             with timed("pixels_to_host_buffer"):
-                host = inference._host_batch([np.frombuffer(p, np.uint8) for p in preprocessed["pixels"].to_pylist()],
-                                             shape)
+                # the pixels as the stage sees them (views into the column), not copied out into Python bytes
+                host = inference._host_batch(binary_column_views(preprocessed.column("pixels")), shape)
             with timed("copy_and_normalise_on_device"):
                 inputs = inference._normalised_on_device(host)
             with timed("forward"):

@@ -48,7 +48,7 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> 
             image.load()
         except (OSError, SyntaxError, ValueError) as error:
             raise ImageDecodeError(f"corrupt or truncated {image.format or 'image'} data: {error}") from error
-        image = ImageOps.exif_transpose(image)
+        ImageOps.exif_transpose(image, in_place=True)  # returning a new image would copy even an upright one
     return _to_rgb(image)
 
 

@@ -14,7 +14,7 @@ import pyarrow as pa
 
 __all__ = [
     "TASKS", "ERROR_STAGES", "LISTED_SCHEMA", "FETCHED_SCHEMA", "PREPROCESSED_SCHEMA", "SEGMENTED_SCHEMA",
-    "SEGMENTS_SCHEMA", "IMAGES_SCHEMA", "StageError", "SegmentRecord", "ImageRecord", "pack_array",
+    "SEGMENTS_SCHEMA", "IMAGES_SCHEMA", "StageError", "SegmentRecord", "ImageRecord",
     "binary_column_views", "table_from_records",
 ]
 
@@ -151,12 +151,6 @@ class ImageRecord:
     error_type: str | None = None
     error_message: str | None = None
     run_id: str = ""
-
-
-def pack_array(array: np.ndarray, dtype=np.uint8) -> tuple[bytes, list[int]]:
-    """An array as (C-order bytes of `dtype`, shape) for a binary column."""
-    contiguous = np.ascontiguousarray(array, dtype=dtype)
-    return contiguous.tobytes(), list(contiguous.shape)
 
 
 def binary_column_views(column: pa.ChunkedArray | pa.Array, dtype=np.uint8) -> list[np.ndarray | None]:

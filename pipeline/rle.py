@@ -7,14 +7,16 @@ compresses them into its string form and derives area and bbox, never seeing a d
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pyarrow as pa
 from pycocotools import mask as coco_mask
 
 from pipeline.records import binary_column_views
 
-__all__ = ["encode_run_lengths", "encode_mask", "mask_run_lengths", "pack_run_lengths", "unpack_run_lengths",
-           "run_lengths_column"]
+__all__ = ["CompressedMasks", "compress_run_lengths", "encode_run_lengths", "encode_mask", "mask_run_lengths",
+           "pack_run_lengths", "unpack_run_lengths", "run_lengths_column"]
 
 # A count that does not fit 16 bits is written as ESCAPE, count >> 15, count & 0x7FFF: neither payload word can
 # equal ESCAPE (counts stay below 2**30, i.e. images below a billion pixels), so escapes are found without
@@ -27,32 +29,31 @@ _MAX_COUNT = 2 ** 30
 def pack_run_lengths(counts: np.ndarray) -> bytes:
     """Run lengths (any unsigned/int dtype, < 2**30) -> 16-bit words, long counts escaped."""
     counts = np.asarray(counts, dtype=np.uint32)
-    if counts.size and int(counts.max()) >= _MAX_COUNT:
-        raise ValueError(f"a run of {int(counts.max())} pixels is too long to pack (limit {_MAX_COUNT - 1})")
-    long_run = counts >= _ESCAPE
-    if not long_run.any():
-        return counts.astype(np.uint16).tobytes()
-    packed = np.empty(counts.size + 2 * int(long_run.sum()), dtype=np.uint16)
-    positions = np.arange(counts.size) + 2 * (np.cumsum(long_run) - long_run)
-    packed[positions] = np.where(long_run, _ESCAPE, counts)
-    escaped, long_counts = positions[long_run], counts[long_run]
-    packed[escaped + 1] = long_counts >> 15
-    packed[escaped + 2] = long_counts & 0x7FFF
-    return packed.tobytes()
+    words = counts.astype(np.uint16)  # long counts wrap here; they are overwritten below
+    long_run = np.flatnonzero(counts >= _ESCAPE)
+    if long_run.size == 0:
+        return words.tobytes()
+    long_counts = counts[long_run]
+    if int(long_counts.max()) >= _MAX_COUNT:
+        raise ValueError(f"a run of {int(long_counts.max())} pixels is too long to pack (limit {_MAX_COUNT - 1})")
+    words[long_run] = _ESCAPE
+    payload = np.empty((long_run.size, 2), dtype=np.uint16)  # per long count: its high and low 15 bits
+    payload[:, 0] = long_counts >> 15
+    payload[:, 1] = long_counts & 0x7FFF
+    # Equal insertion indices keep their order, so each escape is followed by its high word, then its low one.
+    return np.insert(words, np.repeat(long_run + 1, 2), payload.ravel()).tobytes()
 
 
 def unpack_run_lengths(packed: np.ndarray | bytes) -> np.ndarray:
     """`pack_run_lengths`' bytes (or a uint8 view of them) -> uint32 run lengths."""
     words = np.frombuffer(packed, dtype=np.uint16) if isinstance(packed, bytes) else packed.view(np.uint16)
-    counts = words.astype(np.uint32)
     escaped = np.flatnonzero(words == _ESCAPE)
     if escaped.size == 0:
-        return counts
-    counts[escaped] = (counts[escaped + 1] << 15) | counts[escaped + 2]
-    keep = np.ones(counts.size, dtype=bool)
-    keep[escaped + 1] = False
-    keep[escaped + 2] = False
-    return counts[keep]
+        return words.astype(np.uint32)
+    long_counts = (words[escaped + 1].astype(np.uint32) << 15) | words[escaped + 2]
+    counts = np.delete(words, np.concatenate((escaped + 1, escaped + 2))).astype(np.uint32)
+    counts[escaped - 2 * np.arange(escaped.size)] = long_counts  # each escape, once the payloads before it are gone
+    return counts
 
 
 def run_lengths_column(column: pa.ChunkedArray | pa.Array) -> list[np.ndarray | None]:
@@ -60,17 +61,31 @@ def run_lengths_column(column: pa.ChunkedArray | pa.Array) -> list[np.ndarray | 
     return [None if view is None else unpack_run_lengths(view) for view in binary_column_views(column)]
 
 
-def encode_run_lengths(run_lengths: list[np.ndarray], *, height: int, width: int) -> list[dict]:
-    """Masks of one image given as column-major run lengths (first run = zeros) -> per mask
-    {'size': [h, w], 'counts': compressed COCO RLE str, 'area': int, 'bbox': [x, y, w, h]}."""
+@dataclass
+class CompressedMasks:
+    """Masks of one image as pycocotools gives them, one entry per mask."""
+
+    counts: list[bytes]  # compressed COCO RLE (ASCII)
+    area: np.ndarray  # (masks,) uint32
+    bbox: np.ndarray  # (masks, 4) float64, COCO [x, y, width, height]
+
+
+def compress_run_lengths(run_lengths: list[np.ndarray], *, height: int, width: int) -> CompressedMasks:
+    """Masks of one image given as column-major run lengths (first run = zeros) -> RLE strings, areas, boxes."""
     if not run_lengths:
-        return []
+        return CompressedMasks(counts=[], area=np.zeros(0, np.uint32), bbox=np.zeros((0, 4)))
     rles = coco_mask.frPyObjects([{"size": [height, width], "counts": counts} for counts in run_lengths],
                                  height, width)
-    areas = coco_mask.area(rles).tolist()
-    boxes = coco_mask.toBbox(rles).tolist()
-    return [{"size": [height, width], "counts": rle["counts"].decode("ascii"), "area": area, "bbox": box}
-            for rle, area, box in zip(rles, areas, boxes)]
+    return CompressedMasks(counts=[rle["counts"] for rle in rles], area=coco_mask.area(rles),
+                           bbox=coco_mask.toBbox(rles))
+
+
+def encode_run_lengths(run_lengths: list[np.ndarray], *, height: int, width: int) -> list[dict]:
+    """`compress_run_lengths` as one dict per mask:
+    {'size': [h, w], 'counts': compressed COCO RLE str, 'area': int, 'bbox': [x, y, w, h]}."""
+    masks = compress_run_lengths(run_lengths, height=height, width=width)
+    return [{"size": [height, width], "counts": counts.decode("ascii"), "area": area, "bbox": box}
+            for counts, area, box in zip(masks.counts, masks.area.tolist(), masks.bbox.tolist())]
 
 
 def mask_run_lengths(mask: np.ndarray) -> np.ndarray:

@@ -7,7 +7,7 @@ import zlib
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from pipeline.decode import ImageDecodeError, decode_image
 from pipeline_test_images import image_bytes, random_rgb
@@ -115,3 +115,12 @@ def test_pixel_limit_is_our_own_and_configurable():
     with pytest.raises(ImageDecodeError, match="60x100 = 6000 pixels, above the limit of 5000"):
         decode_image(data, max_pixels=5000)
     assert decode_image(data, max_pixels=6000).size == (60, 100)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_gives_pils_own_transposed_pixels(orientation):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(Image.fromarray(random_rgb(12, 20)), "JPEG", exif=exif.tobytes(), quality=95)
+    expected = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
+    assert np.array_equal(np.asarray(decode_image(data)), np.asarray(expected))

@@ -6,6 +6,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 from pycocotools import mask as coco_mask
@@ -243,3 +244,47 @@ def test_upsampled_run_table_equals_the_run_table_of_the_upsampled_masks(small, 
     upsampled = torch.nn.functional.interpolate(stack[None], size=size, mode="nearest")[0]
     assert torch.equal(_upsampled_run_table(stack, size), _run_table(upsampled))
     assert _upsampled_run_table(stack[:0], size).shape == (0, 3)
+
+
+def test_packed_words_escape_a_long_count_as_its_high_and_low_15_bits():
+    counts = np.array([5, 70_000, 3, 0xFFFF, 0xFFFF], np.uint32)
+    words = np.frombuffer(pack_run_lengths(counts), np.uint16)
+    assert words.tolist() == [5, 0xFFFF, 70_000 >> 15, 70_000 & 0x7FFF, 3, 0xFFFF, 1, 0x7FFF, 0xFFFF, 1, 0x7FFF]
+
+
+def test_write_stage_rows_keep_each_image_and_error_in_order(tmp_path):
+    import pyarrow.parquet as pq
+
+    from pipeline.inference import _segmented_row
+    from pipeline.postprocess import PostprocessStage
+    from pipeline.records import SEGMENTED_SCHEMA, StageError
+    from pipeline.storage import StorageConfig
+
+    outputs = random_outputs(2)
+    images = segment_batch(outputs.class_queries_logits, outputs.masks_queries_logits, TARGET_SIZES,
+                           PostprocessSettings(**LOW))
+    rows = [_segmented_row({"image_uri": f"/{name}.png", "image_id": f"{name}.png", "height": image.height,
+                            "width": image.width}, segments=image) for name, image in zip("ab", images)]
+    broken = {**rows[0], "image_uri": "/c.png", "image_id": "c.png", "segment_runs": [1] * len(rows[0]["segment_runs"])}
+    failed = _segmented_row({"image_uri": "/d.png", "image_id": "d.png"},
+                            error=StageError("decode", "ImageDecodeError", "not an image"))
+    empty = {**rows[1], "image_uri": "/e.png", "image_id": "e.png", "segment_task": [], "segment_id": [],
+             "segment_label_id": [], "segment_score": [], "segment_was_fused": [], "segment_runs": [],
+             "run_lengths": b""}
+    batch = pa.Table.from_pylist([rows[0], failed, broken, rows[1], empty], schema=SEGMENTED_SCHEMA)
+    spec = SimpleNamespace(id2label={k: f"label-{k}" for k in range(3)}, model_id="m@abc")
+    stage = PostprocessStage(spec=spec, storage=StorageConfig.resolve({}, environ={}), output_uri=str(tmp_path),
+                             tasks=("panoptic", "instance", "semantic"), run_id="r")
+    written_images = stage(batch)
+    assert written_images["status"].to_pylist() == ["ok", "error", "error", "ok", "ok"]
+    assert written_images["error_stage"].to_pylist() == [None, "decode", "postprocess", None, None]
+    for task in ("panoptic", "instance", "semantic"):
+        assert written_images[f"{task}_segments"].to_pylist() == [
+            images[0].task.count(task), None, None, images[1].task.count(task), 0]
+    segments = pq.read_table(tmp_path / "segments")
+    expected = [record.__dict__ for row, image in zip(rows, images)
+                for record in segment_records(row, np.concatenate(image.run_lengths),
+                                              id2label=spec.id2label, model="m@abc", run_id="r")]
+    assert segments.to_pylist() == expected
+    assert [s["label"] for s in expected] == [f"label-{k}" if k < 3 else str(k) for k in
+                                              images[0].label_id + images[1].label_id]
