@@ -27,12 +27,12 @@ __all__ = ["NodeShape", "PoolPlan", "PoolPlacementError", "alive_nodes", "plan_p
            "CPU_MODEL_IMAGES_PER_CPU_S"]
 
 READ_TASK_CPUS = 0.25
-# One core, one 480x640 JPEG: PIL decode 2.4 ms + resize to 800x1088 uint8 8.1 ms (measured 2026-12-01, 2-core
-# dev machine), rounded up.
-PREPROCESS_CPU_SECONDS_PER_IMAGE = 0.012
-# One core, one image: COCO RLE strings/area/bbox from run lengths 1.6 ms (gpu-facts.md) + its share of the
-# Parquet writes.
-POSTPROCESS_CPU_SECONDS_PER_IMAGE = 0.004
+# One core, one 480x640 JPEG decoded and resized to 800x1088 uint8: 6.0-7.2 ms (measured 2026-12-01 on the 2-core
+# dev machine, one torch thread), rounded up for larger and more complex JPEGs.
+PREPROCESS_CPU_SECONDS_PER_IMAGE = 0.010
+# One core, one image of ~75 segments (~1800 run lengths each): RLE strings/area/bbox by pycocotools and its share
+# of the Parquet writes, 4.6-5.3 ms (measured 2026-12-01, same machine).
+POSTPROCESS_CPU_SECONDS_PER_IMAGE = 0.006
 # Swin-T Mask2Former, 800x1088, bf16, batch 16 on one H200: 97.7-99.5 images/s (gpu-facts.md).
 GPU_MODEL_IMAGES_PER_S = 100.0
 # Same model in float32 on CPU: ~9.9 s per image on 2 threads (environment-facts.md).
