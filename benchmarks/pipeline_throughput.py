@@ -22,7 +22,8 @@
 
 Prints images/s of both and their ratio (issue 7's CPU bar: marginal pipeline rate >= 0.8 x model-only), the
 stage costs against the bars (host CPU <= 15 ms per 480x640 image; <= 3 MB per image through the object store
-at 800x1088: `--processor coco`), and the peak resident memory (VmHWM) of every Ray process kind.
+at 800x1088: `--processor coco`), the CPU-seconds each Ray process kind used during the full run and the peak
+resident memory (VmHWM) of every Ray process kind.
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
-from infra.processes import command_line, peak_rss_mib, process_tree  # noqa: E402
+from infra.processes import command_line, cpu_seconds, peak_rss_mib, process_tree  # noqa: E402
 
 DEFAULT_MODEL = REPO_ROOT / "models" / "m2f-shapes-tiny"
 # Process titles Ray gives its workers ("ray::MapWorker(MapBatches(InferenceStage))") -> the kind we report.
@@ -378,13 +379,16 @@ def _process_kind(pid: int) -> str | None:
 
 
 class PeakMemorySampler(threading.Thread):
-    """Polls the peak RSS of every Ray worker under this process, keeping the largest per process kind."""
+    """Polls every Ray process under this process: the peak RSS per worker kind, and the CPU-seconds each
+    process has used (`cpu_by_kind` gives them per kind between two `cpu_snapshot`s)."""
 
     def __init__(self, interval_s: float = 0.5) -> None:
         super().__init__(daemon=True)
         self.interval_s = interval_s
         self.peaks_mib: dict[str, float] = {}
         self.processes: dict[str, set[int]] = defaultdict(set)
+        self._cpu: dict[int, tuple[str, float]] = {}  # pid -> (kind, CPU-seconds at the last sample)
+        self._lock = threading.Lock()
         self._stop_event = threading.Event()
 
     def run(self) -> None:
@@ -399,6 +403,24 @@ class PeakMemorySampler(threading.Thread):
             if kind and peak is not None:
                 self.processes[kind].add(pid)
                 self.peaks_mib[kind] = max(self.peaks_mib.get(kind, 0.0), peak)
+            used = cpu_seconds(pid)
+            if used:
+                with self._lock:
+                    self._cpu[pid] = (kind or ("driver" if pid == os.getpid() else "ray's own processes"), used)
+
+    def cpu_snapshot(self) -> dict[int, tuple[str, float]]:
+        self.sample()
+        with self._lock:
+            return dict(self._cpu)
+
+    @staticmethod
+    def cpu_by_kind(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:
+        """CPU-seconds per process kind between two snapshots (processes started in between count in full;
+        a process that ended between two samples loses its last half second)."""
+        used: dict[str, float] = defaultdict(float)
+        for pid, (kind, seconds) in after.items():
+            used[kind] += seconds - before.get(pid, (kind, 0.0))[1]
+        return {kind: round(value, 2) for kind, value in sorted(used.items())}
 
     def stop(self) -> None:
         self._stop_event.set()
@@ -427,6 +449,7 @@ def pipeline_runs(model_dir: Path, input_dir: Path, output_dir: Path, *, images:
     runs = {}
     try:
         for name, limit in (("short", max(2 * batch_size, images // 4)), ("full", None)):
+            cpu_before = sampler.cpu_snapshot()
             started = time.perf_counter()
             report = run_segmentation(SegmentationOptions(
                 input=str(input_dir), output=str(output_dir / name), model=str(model_dir), tasks=tasks,
@@ -435,7 +458,8 @@ def pipeline_runs(model_dir: Path, input_dir: Path, output_dir: Path, *, images:
                           "segments": report["segments"], "pools": report["pools"],
                           "compile_s": report.get("compile_s"),
                           # the job's own estimate: images after its first committed batch / time after it
-                          "report_steady_images_per_s": report.get("steady_images_per_s")}
+                          "report_steady_images_per_s": report.get("steady_images_per_s"),
+                          "cpu_seconds_by_process_kind": sampler.cpu_by_kind(cpu_before, sampler.cpu_snapshot())}
     finally:
         sampler.stop()
         ray.shutdown()
@@ -447,6 +471,7 @@ def pipeline_runs(model_dir: Path, input_dir: Path, output_dir: Path, *, images:
             "marginal_images_per_s": extra_images / extra_seconds if extra_images > 0 and extra_seconds > 0 else None,
             "report_steady_images_per_s": full["report_steady_images_per_s"],
             "short_run": short, "ray_start_s": ray_start_s, "pools": full["pools"], "segments": full["segments"],
+            "full_run_cpu_seconds_by_process_kind": full["cpu_seconds_by_process_kind"],
             "peak_rss_mib": {k: round(v, 1) for k, v in sampler.peaks_mib.items()},
             "process_counts": {k: len(v) for k, v in sampler.processes.items()}}
 
@@ -541,6 +566,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"model actor compile time (first forward): {piped['short_run']['compile_s']:.1f} s")
     if planned_threads is not None and planned_threads != threads:
         print(f"note: the pipeline's model actor used {planned_threads} torch threads, the bare loop {threads}")
+    full_cpu = piped["full_run_cpu_seconds_by_process_kind"]
+    print(f"CPU seconds by process kind during the {piped['images']}-image run ({piped['seconds']:.0f} s): " + ", ".join(
+        f"{kind} {seconds:.1f}" for kind, seconds in full_cpu.items()))
     print("peak RSS by process kind (MiB): " + ", ".join(
         f"{kind} {peak:.0f} (x{piped['process_counts'].get(kind, 0)})" for kind, peak in
         sorted(piped["peak_rss_mib"].items())))
