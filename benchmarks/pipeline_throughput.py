@@ -281,7 +281,7 @@ def stage_costs(model_dir: Path, image_paths: list[Path], *, batch_size: int, de
     storage = StorageConfig.resolve({}, environ={})
     spec = resolve_model(str(model_dir), storage)
     settings = PostprocessSettings(tasks=tuple(tasks.split(",")))
-    preprocess = PreprocessStage(spec=spec, torch_threads=1)
+    preprocess = PreprocessStage(spec=spec)  # timed on one thread below, as the job runs it
     inference = InferenceStage(spec=spec, storage=storage, settings=settings, dtype=dtype, device=device)
     torch.set_num_threads(model_threads)
     write = PostprocessStage(spec=spec, storage=storage, output_uri=str(output_dir), tasks=settings.tasks,

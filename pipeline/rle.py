@@ -20,8 +20,8 @@ __all__ = ["CompressedMasks", "compress_run_lengths", "encode_run_lengths", "enc
 
 # A count that does not fit 16 bits is written as ESCAPE, count >> 15, count & 0x7FFF: neither payload word can
 # equal ESCAPE (counts stay below 2**30, i.e. images below a billion pixels), so escapes are found without
-# scanning. Long runs are rare (a run
-# longer than 65534 pixels is mostly the background before or after a mask), so most masks pack to half size.
+# scanning. Long runs are rare (a run longer than 65534 pixels is mostly the background before or after a mask),
+# so most masks pack to half size.
 _ESCAPE = 0xFFFF
 _MAX_COUNT = 2 ** 30
 

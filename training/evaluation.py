@@ -24,9 +24,9 @@ from pipeline.coco_export import read_coco_export
 from pipeline.device_postprocess import PostprocessSettings
 from pipeline.inference import InferenceStage
 from pipeline.model_spec import resolve_model
-from pipeline.postprocess import segment_records
+from pipeline.postprocess import compressed_masks, segments_table
 from pipeline.preprocess import PreprocessStage
-from pipeline.records import FETCHED_SCHEMA, SEGMENTS_SCHEMA, TASKS, table_from_records
+from pipeline.records import FETCHED_SCHEMA, SEGMENTS_SCHEMA, TASKS
 from pipeline.rle import run_lengths_column
 from pipeline.run_tables import read_run_tables
 from pipeline.storage import StorageConfig
@@ -140,7 +140,7 @@ def predict_segments(model_uri: str, ground_truth: GroundTruthSplit, *, settings
     spec = resolve_model(model_uri, storage)
     preprocess = PreprocessStage(spec=spec)
     inference = InferenceStage(spec=spec, storage=storage, settings=settings, dtype=dtype, device=device)
-    records = []
+    tables = []
     images = list(ground_truth.images)
     for start in range(0, len(images), batch_size):
         fetched = pa.Table.from_pylist(
@@ -148,13 +148,14 @@ def predict_segments(model_uri: str, ground_truth: GroundTruthSplit, *, settings
               "data": storage.read_bytes(ground_truth.image_uri(image))} for image in images[start:start + batch_size]],
             schema=FETCHED_SCHEMA)
         segmented = inference(preprocess(fetched))
-        run_lengths = run_lengths_column(segmented.column("run_lengths"))
-        for row, runs in zip(segmented.drop_columns(["run_lengths"]).to_pylist(), run_lengths):
+        rows = segmented.drop_columns(["run_lengths"]).to_pylist()
+        for row in rows:
             if row["error_stage"]:
                 raise ValueError(f"{row['image_uri']}: {row['error_stage']} failed: {row['error_message']}")
-            records.extend(segment_records(row, runs, id2label=spec.id2label, model=spec.model_id,
-                                           run_id="evaluation"))
-    return Predictions(segments=table_from_records(records, SEGMENTS_SCHEMA),
+        masks = [compressed_masks(row, runs) for row, runs in
+                 zip(rows, run_lengths_column(segmented.column("run_lengths")))]
+        tables.append(segments_table(rows, masks, id2label=spec.id2label, model=spec.model_id, run_id="evaluation"))
+    return Predictions(segments=pa.concat_tables(tables) if tables else SEGMENTS_SCHEMA.empty_table(),
                        labeled_image_uris={ground_truth.image_uri(image) for image in images})
 
 
