@@ -15,10 +15,11 @@
    rate, the pipeline's speed once its fixed start-up costs are paid.
 
 3. Stage costs (in this process, outside Ray, on --cost-images images): host CPU-seconds per image of each
-   stage (decode+resize; the model stage's host work, i.e. filling its input buffer, each segment's run lengths
-   from the batch's run table and the segment rows, not the copy to the device, normalising there, the forward pass or the device-side post-processing; RLE
-   strings + Parquet writes) and the bytes per image each stage hands to the next through the object store.
-   Each stage runs with the torch threads the job gives it (one for decode and writes).
+   stage (decode+resize; the model stage's host work, i.e. filling its input buffer, slicing the run lengths
+   the device computed into segments and the segment rows, not the copy to the device, normalising there, the
+   forward pass or the device-side post-processing; RLE strings + Parquet writes, all measured images in one
+   write call as the job's writers get many) and the bytes per image each stage hands to the next through the
+   object store. Each stage runs with the torch threads the job gives it (one for decode and writes).
 
 Prints images/s of both and their ratio (issue 7's CPU bar: marginal pipeline rate >= 0.8 x model-only), the
 stage costs against the bars (host CPU <= 15 ms per 480x640 image; <= 3 MB per image through the object store
@@ -45,6 +46,11 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 from infra.processes import command_line, cpu_seconds, peak_rss_mib, process_tree  # noqa: E402
+from pipeline.pools import MODEL_ACTOR_ENV_VARS  # noqa: E402
+
+# The bare loop and the stage costs run in this process with the environment the job gives its model actors
+# (read by torch once, at its first allocation: before torch is imported).
+os.environ.update(MODEL_ACTOR_ENV_VARS)
 
 DEFAULT_MODEL = REPO_ROOT / "models" / "m2f-shapes-tiny"
 # Process titles Ray gives its workers ("ray::MapWorker(MapBatches(InferenceStage))") -> the kind we report.
@@ -270,7 +276,7 @@ def stage_costs(model_dir: Path, image_paths: list[Path], *, batch_size: int, de
     import pyarrow as pa
     import torch
 
-    from pipeline.device_postprocess import PostprocessSettings, segments_from_run_table, segments_on_device
+    from pipeline.device_postprocess import PostprocessSettings, segments_from_counts, segments_on_device
     from pipeline.inference import CPU_POSTPROCESS_THREADS, InferenceStage, _segmented_row, torch_threads
     from pipeline.model_spec import resolve_model
     from pipeline.postprocess import PostprocessStage
@@ -307,6 +313,7 @@ def stage_costs(model_dir: Path, image_paths: list[Path], *, batch_size: int, de
             wall[name] += time.perf_counter() - wall_started
 
     sizes = {"fetched": 0, "preprocessed": 0, "segmented": 0, "images_rows": 0}
+    all_segmented = []
     segments = 0
     postprocess_threads = CPU_POSTPROCESS_THREADS if device == "cpu" else None
     for batch in fetched:
@@ -326,22 +333,24 @@ def stage_costs(model_dir: Path, image_paths: list[Path], *, batch_size: int, de
             with timed("forward"):
                 outputs = inference._model(pixel_values=inputs)
             with timed("device_postprocess", threads=postprocess_threads):
-                results, run_table = segments_on_device(outputs.class_queries_logits.float(),
-                                                        outputs.masks_queries_logits.float(), sizes_hw, settings)
-        with timed("run_lengths_from_run_table"):
-            image_segments = segments_from_run_table(results, run_table, sizes_hw)
+                results, counts = segments_on_device(outputs.class_queries_logits.float(),
+                                                     outputs.masks_queries_logits.float(), sizes_hw, settings)
+        with timed("segments_from_counts"):
+            image_segments = segments_from_counts(results, counts, sizes_hw)
         with timed("segment_rows"):
             rows = [_segmented_row(row, segments=image) for row, image in
                     zip(preprocessed.drop_columns(["pixels"]).to_pylist(), image_segments)]
             pa.Table.from_pylist(rows, schema=SEGMENTED_SCHEMA)
-        with timed("write", threads=1):
-            images = write(segmented)
+        all_segmented.append(segmented)
         segments += sum(len(t) for t in segmented["segment_task"].to_pylist())
-        for name, table in (("fetched", batch), ("preprocessed", preprocessed), ("segmented", segmented),
-                            ("images_rows", images)):
+        for name, table in (("fetched", batch), ("preprocessed", preprocessed), ("segmented", segmented)):
             sizes[name] += table.nbytes
+    # The job's writers get up to --images-per-file (2048) images per call; here all the measured ones at once.
+    with timed("write", threads=1):
+        images = write(pa.concat_tables(all_segmented))
+    sizes["images_rows"] += images.nbytes
     count = len(image_paths)
-    model_host_parts = ("pixels_to_host_buffer", "run_lengths_from_run_table", "segment_rows")
+    model_host_parts = ("pixels_to_host_buffer", "segments_from_counts", "segment_rows")
     per_image_ms = {name: round(1000 * value / count, 2) for name, value in cpu.items()}
     per_image_ms["model_stage_host"] = round(1000 * sum(cpu[name] for name in model_host_parts) / count, 2)
     # Host work: decode+resize, the model stage's host part (filling the input buffer, run lengths, segment rows),
@@ -382,7 +391,7 @@ class PeakMemorySampler(threading.Thread):
     """Polls every Ray process under this process: the peak RSS per worker kind, and the CPU-seconds each
     process has used (`cpu_by_kind` gives them per kind between two `cpu_snapshot`s)."""
 
-    def __init__(self, interval_s: float = 0.5) -> None:
+    def __init__(self, interval_s: float = 2.0) -> None:  # a sample walks /proc: ~3 ms of the driver's CPU
         super().__init__(daemon=True)
         self.interval_s = interval_s
         self.peaks_mib: dict[str, float] = {}
@@ -438,11 +447,10 @@ def pipeline_runs(model_dir: Path, input_dir: Path, output_dir: Path, *, images:
     import ray
 
     from pipeline import SegmentationOptions, run_segmentation
+    from pipeline.local_ray import start_local_ray
 
-    # Workers import pipeline/ and m2f_model/ from this checkout, as the job's embedded Ray does.
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
     ray_started = time.perf_counter()
-    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, logging_level="WARNING")
+    start_local_ray(logging_level="WARNING")  # the job's embedded Ray (workers import this checkout)
     ray_start_s = time.perf_counter() - ray_started
     sampler = PeakMemorySampler()
     sampler.start()
@@ -472,6 +480,10 @@ def pipeline_runs(model_dir: Path, input_dir: Path, output_dir: Path, *, images:
             "report_steady_images_per_s": full["report_steady_images_per_s"],
             "short_run": short, "ray_start_s": ray_start_s, "pools": full["pools"], "segments": full["segments"],
             "full_run_cpu_seconds_by_process_kind": full["cpu_seconds_by_process_kind"],
+            # what each kind of process spends per image once the fixed costs are paid (start-up, model loads)
+            "marginal_cpu_seconds_per_image_by_process_kind": {
+                kind: round((seconds - short["cpu_seconds_by_process_kind"].get(kind, 0.0)) / extra_images, 3)
+                for kind, seconds in full["cpu_seconds_by_process_kind"].items()} if extra_images > 0 else None,
             "peak_rss_mib": {k: round(v, 1) for k, v in sampler.peaks_mib.items()},
             "process_counts": {k: len(v) for k, v in sampler.processes.items()}}
 
@@ -569,6 +581,10 @@ def main(argv: list[str] | None = None) -> int:
     full_cpu = piped["full_run_cpu_seconds_by_process_kind"]
     print(f"CPU seconds by process kind during the {piped['images']}-image run ({piped['seconds']:.0f} s): " + ", ".join(
         f"{kind} {seconds:.1f}" for kind, seconds in full_cpu.items()))
+    marginal_cpu = piped["marginal_cpu_seconds_per_image_by_process_kind"]
+    if marginal_cpu:
+        print("marginal CPU seconds per image by process kind (full run minus short run, per extra image): " +
+              ", ".join(f"{kind} {seconds:.3f}" for kind, seconds in marginal_cpu.items()))
     print("peak RSS by process kind (MiB): " + ", ".join(
         f"{kind} {peak:.0f} (x{piped['process_counts'].get(kind, 0)})" for kind, peak in
         sorted(piped["peak_rss_mib"].items())))

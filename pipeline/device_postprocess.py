@@ -2,10 +2,11 @@
 
 `segment_batch` turns a batch of model outputs (on any device) into each image's segments at its original
 size: m2f_model's `post_process_tasks` on each image (one upsampling shared by the tasks; transformers'
-semantics, unique panoptic ids), then the COCO run lengths of every kept mask, computed on the same device from the label
-maps and instance masks. Only the run tables (a few hundred kilobytes per image) reach the host; dense
-masks never do. The masks the run lengths describe are exactly those of m2f_model's three post-processors
-for the same logits on the same device.
+semantics, unique panoptic ids), then the COCO run lengths, area and box of every kept mask, computed on the same
+device from the label maps and instance masks. Only those (a few hundred kilobytes per image) reach the host, in
+one copy per batch, every segment's in turn; dense masks never do. The masks the run lengths describe are exactly
+those of m2f_model's three post-processors for the same logits on the same device; areas and boxes are
+pycocotools' own for them.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import torch
 from m2f_model.post_processing import nearest_source_indices, post_process_tasks
 from pipeline.records import TASKS
 
-__all__ = ["PostprocessSettings", "ImageSegments", "segment_batch", "segments_on_device", "segments_from_run_table"]
+__all__ = ["PostprocessSettings", "ImageSegments", "segment_batch", "segments_on_device", "segments_from_counts"]
 
 
 @dataclass(frozen=True)
@@ -48,16 +49,24 @@ class ImageSegments:
     label_id: list[int] = field(default_factory=list)
     score: list[float | None] = field(default_factory=list)  # None for semantic segments
     was_fused: list[bool] = field(default_factory=list)
-    run_lengths: list[np.ndarray] = field(default_factory=list)  # uint32, column-major, first run = zeros
+    # every segment's COCO run lengths (uint32, column-major, first run = zeros) in turn; `runs`: how many each
+    counts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint32))
+    runs: list[int] = field(default_factory=list)
+    area: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # (segments,) pixels
+    bbox: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.int64))  # (segments, 4) COCO x, y, w, h
 
-    def add(self, task: str, segment_id: int, label_id: int, score: float | None, was_fused: bool,
-            run_lengths: np.ndarray) -> None:
+    def add(self, task: str, segment_id: int, label_id: int, score: float | None, was_fused: bool) -> None:
         self.task.append(task)
         self.segment_id.append(segment_id)
         self.label_id.append(label_id)
         self.score.append(score)
         self.was_fused.append(was_fused)
-        self.run_lengths.append(run_lengths)
+
+    @property
+    def run_lengths(self) -> list[np.ndarray]:
+        """Each segment's own run lengths (views into `counts`)."""
+        bounds = np.cumsum([0] + self.runs)
+        return [self.counts[bounds[k]:bounds[k + 1]] for k in range(len(self.runs))]
 
 
 def segment_batch(class_logits: torch.Tensor, mask_logits: torch.Tensor, target_sizes: list[tuple[int, int]],
@@ -70,14 +79,15 @@ def segment_batch(class_logits: torch.Tensor, mask_logits: torch.Tensor, target_
     Panoptic: one segment per id (a fused id keeps its best score); instance: each kept mask whole (they may
     overlap); semantic: one segment per class present (segment id = label id, no score).
     """
-    results, run_table = segments_on_device(class_logits, mask_logits, target_sizes, settings)
-    return segments_from_run_table(results, run_table, target_sizes)
+    results, counts = segments_on_device(class_logits, mask_logits, target_sizes, settings)
+    return segments_from_counts(results, counts, target_sizes)
 
 
 def segments_on_device(class_logits: torch.Tensor, mask_logits: torch.Tensor, target_sizes: list[tuple[int, int]],
-                       settings: PostprocessSettings) -> tuple[list[dict], "_RunTable"]:
-    """`segment_batch`'s device part: every task's post-processing, then the run tables of every map, brought
-    to the host in one copy. Returns the post-processors' results (segments_info; maps stay on the device)."""
+                       settings: PostprocessSettings) -> tuple[list[dict], "_HostCounts"]:
+    """`segment_batch`'s device part: every task's post-processing, then every segment's COCO run lengths,
+    computed on the device and brought to the host in one copy. Returns the post-processors' results
+    (segments_info; maps stay on the device) and those run lengths."""
     # Image by image, so an image's segments never depend on its batch mates (the semantic einsum's rounding
     # depends on the batch shape): they equal single-image inference + post-processing.
     results = [post_process_tasks(
@@ -91,55 +101,94 @@ def segments_on_device(class_logits: torch.Tensor, mask_logits: torch.Tensor, ta
         unique_segment_ids=True,
         # instance masks stay at the working size; their runs at the target size are read off them below
         instance_masks_at_working_size=True)[0] for index, size in enumerate(target_sizes)]
-    # Run tables of every map of the batch, then one copy to the host.
-    tables = []  # per image: runs of [panoptic + semantic label maps], then of [instance masks]
+    device = class_logits.device
+    # Every segment of the batch numbered in turn (per image: panoptic, instance, semantic), and its runs of ones
+    # as (segment, start, length), ordered by segment then start.
+    segment_rows, semantic_labels, semantic_counts, height_of_segment, pixels_of_segment = [], [], [], [], []
+    first_segment = 0
     for (height, width), result in zip(target_sizes, results):
-        label_maps = [result[task] if task == "semantic" else result[task]["segmentation"]
-                      for task in ("panoptic", "semantic") if task in result]
-        tables.append(_run_table(torch.stack([m.to(torch.int32) for m in label_maps]) if label_maps
-                                 else torch.zeros((0, height, width), dtype=torch.int32, device=class_logits.device)))
-        masks = result["instance"]["masks"] if "instance" in result \
-            else torch.zeros((0, height, width), dtype=torch.uint8, device=class_logits.device)
-        tables.append(_run_table(masks) if tuple(masks.shape[1:]) == (height, width)
-                      else _upsampled_run_table(masks, (height, width)))
-    host = torch.cat(tables).cpu().numpy() if tables else np.zeros((0, 3), np.int32)
-    return results, _RunTable(host, np.cumsum([0] + [len(t) for t in tables]))
+        pixels = height * width
+        before = first_segment
+        if "panoptic" in result:
+            ids = _panoptic_ids(result["panoptic"]["segments_info"])
+            segment_rows.append(_label_map_ones(result["panoptic"]["segmentation"], ids, first_segment)[0])
+            first_segment += len(ids)
+        if "instance" in result:
+            masks = result["instance"]["masks"]
+            table = _run_table(masks) if tuple(masks.shape[1:]) == (height, width) \
+                else _upsampled_run_table(masks, (height, width))
+            lengths = _run_table_lengths(table, pixels)
+            ones = table[:, 2] == 1
+            segment_rows.append(torch.stack([table[ones, 0].to(torch.int64) + first_segment,
+                                             table[ones, 1].to(torch.int64), lengths[ones]], dim=1))
+            first_segment += masks.shape[0]
+        if "semantic" in result:
+            rows, labels = _label_map_ones(result["semantic"], None, first_segment)  # a segment per class present
+            segment_rows.append(rows)
+            semantic_labels.append(labels)
+            semantic_counts.append(labels.numel())
+            first_segment += labels.numel()
+        pixels_of_segment += [pixels] * (first_segment - before)
+        height_of_segment += [height] * (first_segment - before)
+    rows = torch.cat(segment_rows) if segment_rows else torch.zeros((0, 3), dtype=torch.int64, device=device)
+    counts, runs = _coco_counts(rows, torch.tensor(pixels_of_segment, dtype=torch.int64, device=device))
+    area, box = _areas_and_boxes(rows, torch.tensor(height_of_segment, dtype=torch.int64, device=device))
+    labels = torch.cat(semantic_labels) if semantic_labels else torch.zeros(0, dtype=torch.int64, device=device)
+    # one copy to the host: per segment its run count, area and box, the semantic labels present, the run lengths
+    parts = [runs, area, box.flatten(), labels.to(torch.int64), counts]
+    host = np.split(torch.cat(parts).cpu().numpy(), np.cumsum([part.numel() for part in parts[:-1]]))
+    return results, _HostCounts(runs=host[0], area=host[1], box=host[2].reshape(-1, 4), semantic_labels=host[3],
+                                semantic_counts=semantic_counts, counts=host[4].astype(np.uint32))
 
 
 @dataclass
-class _RunTable:
-    """The host copy of a batch's run tables: rows (map index, start, value); per image two tables in turn
-    (its panoptic/semantic label maps, then its instance masks), `bounds` delimiting them."""
+class _HostCounts:
+    """The host copy of a batch's segments: per segment its number of run lengths, area and COCO box (segments
+    numbered per image: panoptic ids in order of first appearance, instance masks, semantic labels present), the
+    semantic labels present per image in turn, and all run lengths in turn."""
 
-    rows: np.ndarray
-    bounds: np.ndarray
+    runs: np.ndarray
+    area: np.ndarray
+    box: np.ndarray  # (segments, 4)
+    semantic_labels: np.ndarray
+    semantic_counts: list[int]  # per image: how many of `semantic_labels` are its own
+    counts: np.ndarray
 
 
-def segments_from_run_table(results: list[dict], run_table: _RunTable,
-                            target_sizes: list[tuple[int, int]]) -> list[ImageSegments]:
-    """`segment_batch`'s host part: each image's segments and their COCO run lengths from the run table."""
-    host, bounds = run_table.rows, run_table.bounds
+def segments_from_counts(results: list[dict], host: _HostCounts,
+                         target_sizes: list[tuple[int, int]]) -> list[ImageSegments]:
+    """`segment_batch`'s host part: each image's segment rows, and its slice of the run lengths."""
     segments = []
+    segment = count = label = 0  # positions in host.runs, host.counts, host.semantic_labels
     for index, ((height, width), result) in enumerate(zip(target_sizes, results)):
-        label_runs = _MapRuns(host[bounds[2 * index]:bounds[2 * index + 1]], height * width)
-        mask_counts = _binary_mask_counts(host[bounds[2 * index + 1]:bounds[2 * index + 2]], height * width)
         image = ImageSegments(height=height, width=width)
-        map_index = 0
         if "panoptic" in result:
-            _add_panoptic(image, result["panoptic"]["segments_info"], label_runs, map_index)
-            map_index += 1
+            _add_panoptic(image, result["panoptic"]["segments_info"])
         if "instance" in result:
-            for position, info in enumerate(result["instance"]["segments_info"]):
+            for info in result["instance"]["segments_info"]:
                 image.add("instance", int(info["id"]), int(info["label_id"]), float(info["score"]),
-                          bool(info.get("was_fused", False)), mask_counts[position])
+                          bool(info.get("was_fused", False)))
         if "semantic" in result:
-            for label_id in label_runs.values(map_index):  # one segment per class present; segment_id = label_id
-                image.add("semantic", label_id, label_id, None, False, label_runs.of(map_index, label_id))
+            for label_id in host.semantic_labels[label:label + host.semantic_counts[index]]:
+                image.add("semantic", int(label_id), int(label_id), None, False)  # segment_id = label_id
+            label += host.semantic_counts[index]
+        runs = host.runs[segment:segment + len(image.task)]
+        image.runs = runs.tolist()
+        image.counts = host.counts[count:count + int(runs.sum())]
+        image.area = host.area[segment:segment + len(image.task)]
+        image.bbox = host.box[segment:segment + len(image.task)]
+        segment += len(image.task)
+        count += int(runs.sum())
         segments.append(image)
     return segments
 
 
-def _add_panoptic(image: ImageSegments, segments_info: list[dict], runs: "_MapRuns", map_index: int) -> None:
+def _panoptic_ids(segments_info: list[dict]) -> list[int]:
+    """The panoptic segment ids in order of first appearance (a fused id appears once per fused query)."""
+    return list(dict.fromkeys(int(info["id"]) for info in segments_info))
+
+
+def _add_panoptic(image: ImageSegments, segments_info: list[dict]) -> None:
     # Fused stuff segments appear once per fused query under the same id: one row per id, best score.
     by_id: dict[int, dict] = {}
     for info in segments_info:
@@ -148,7 +197,7 @@ def _add_panoptic(image: ImageSegments, segments_info: list[dict], runs: "_MapRu
         kept["was_fused"] = bool(kept.get("was_fused")) or bool(info.get("was_fused"))
     for segment_id, info in by_id.items():
         image.add("panoptic", segment_id, int(info["label_id"]), float(info["score"]),
-                  bool(info.get("was_fused", False)), runs.of(map_index, segment_id))
+                  bool(info.get("was_fused", False)))
 
 
 def _run_table(maps: torch.Tensor) -> torch.Tensor:
@@ -210,56 +259,95 @@ def _upsampled_run_table(masks: torch.Tensor, size: tuple[int, int]) -> torch.Te
     return table
 
 
-def _binary_mask_counts(table: np.ndarray, pixels: int) -> list[np.ndarray]:
-    """The run table of a stack of 0/1 masks -> each mask's COCO run lengths, all masks at once.
-
-    In a binary mask consecutive runs alternate between 0 and 1, so its COCO counts are simply its run
-    lengths, after a 0 when it starts with ones (equal to `_MapRuns.of(mask, 1)`, without a pass per mask).
-    """
-    if len(table) == 0:
-        return []
-    maps, starts = table[:, 0], table[:, 1].astype(np.int64)
-    first_row = np.ones(len(table), dtype=bool)
-    first_row[1:] = maps[1:] != maps[:-1]
-    ends = np.empty_like(starts)
-    ends[:-1] = starts[1:]
-    ends[np.append(first_row[1:], True)] = pixels  # a mask's last run ends with the image
-    lengths = (ends - starts).astype(np.uint32)
-    leading_zero = np.flatnonzero(first_row & (table[:, 2] == 1))
-    counts = np.insert(lengths, leading_zero, 0)
-    map_starts = np.flatnonzero(first_row)
-    return np.split(counts, (map_starts + np.searchsorted(leading_zero, map_starts))[1:])
+def _run_table_lengths(table: torch.Tensor, pixels: int) -> torch.Tensor:
+    """(R,) int64 length of each run of a `_run_table` (a map's last run ends with the image)."""
+    starts = table[:, 1].to(torch.int64)
+    ends = torch.full_like(starts, pixels)
+    if len(table) > 1:
+        same_map = table[1:, 0] == table[:-1, 0]
+        ends[:-1] = torch.where(same_map, starts[1:], ends[:-1])
+    return ends - starts
 
 
-class _MapRuns:
-    """The host copy of one run table: runs of each map, and COCO run lengths of `map == value`."""
+def _label_map_ones(label_map: torch.Tensor, values: list[int] | None,
+                    first_segment: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The runs of `label_map == values[k]` for every k, as (segment = first_segment + k, start, length) rows
+    ordered by segment then start, and `values` as a tensor; pixels of other values belong to no segment.
+    `values`: unique, a few; None: every value present, ascending."""
+    height, width = label_map.shape
+    table = _run_table(label_map.to(torch.int32)[None])
+    map_values = table[:, 2].to(torch.int64)
+    values = torch.unique(map_values) if values is None \
+        else torch.as_tensor(values, dtype=torch.int64, device=label_map.device)
+    if values.numel() == 0:
+        return torch.zeros((0, 3), dtype=torch.int64, device=label_map.device), values
+    matches = map_values[:, None] == values[None, :]  # (runs, values)
+    found = matches.any(dim=1)
+    segment = matches.to(torch.uint8).argmax(dim=1) + first_segment
+    rows = torch.stack([segment, table[:, 1].to(torch.int64), _run_table_lengths(table, height * width)],
+                       dim=1)[found]
+    return rows[torch.sort(rows[:, 0], stable=True).indices], values  # the map's runs come in start order
 
-    def __init__(self, table: np.ndarray, pixels: int) -> None:
-        self._pixels = pixels
-        self._by_map: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-        if len(table) == 0:
-            return
-        split = np.flatnonzero(np.diff(table[:, 0])) + 1  # rows arrive grouped by map, starts ascending
-        for rows in np.split(table, split):
-            starts = rows[:, 1].astype(np.int64)
-            lengths = np.diff(np.append(starts, pixels))
-            self._by_map[int(rows[0, 0])] = (starts, lengths, rows[:, 2])
 
-    def values(self, map_index: int) -> list[int]:
-        return [int(v) for v in np.unique(self._by_map[map_index][2])]
+def _coco_counts(rows: torch.Tensor, pixels_of_segment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Runs of ones as (segment, start, length) rows ordered by segment then start -> every segment's COCO run
+    lengths in turn (zeros first, possibly 0 of them; no empty last run; an empty mask is [pixels]) and how many
+    each segment has. `pixels_of_segment`: (S,) the pixels of each segment's image."""
+    device = pixels_of_segment.device
+    segments = pixels_of_segment.numel()
+    segment, start, length = rows[:, 0], rows[:, 1], rows[:, 2]
+    end = start + length
+    first = torch.ones_like(segment, dtype=torch.bool)
+    first[1:] = segment[1:] != segment[:-1]
+    last = torch.ones_like(first)
+    last[:-1] = first[1:]
+    previous_end = torch.zeros_like(end)
+    previous_end[1:] = end[:-1]
+    gap = start - torch.where(first, 0, previous_end)  # the zeros before each run of ones
+    ones_runs = torch.bincount(segment, minlength=segments)
+    last_end = torch.zeros(segments, dtype=torch.int64, device=device)
+    last_end[segment[last]] = end[last]
+    trailing = pixels_of_segment - last_end  # zeros after the last run of ones (all of them: an empty mask)
+    has_trailing = trailing > 0
+    runs = 2 * ones_runs + has_trailing
+    offset = torch.cumsum(runs, 0) - runs
+    rank = torch.arange(len(rows), device=device) - (torch.cumsum(ones_runs, 0) - ones_runs)[segment]
+    at = offset[segment] + 2 * rank
+    counts = torch.empty(int(runs.sum()), dtype=torch.int64, device=device)
+    counts[at] = gap
+    counts[at + 1] = length
+    counts[(offset + 2 * ones_runs)[has_trailing]] = trailing[has_trailing]
+    return counts, runs
 
-    def of(self, map_index: int, value: int) -> np.ndarray:
-        """Column-major run lengths of `map == value`, first run counting zeros."""
-        starts, lengths, values = self._by_map[map_index]
-        chosen = values == value
-        one_starts, one_lengths = starts[chosen], lengths[chosen]
-        if one_starts.size == 0:
-            return np.array([self._pixels], dtype=np.uint32)
-        counts = np.empty(2 * one_starts.size + 1, dtype=np.int64)
-        counts[0] = one_starts[0]
-        counts[1::2] = one_lengths
-        counts[2:-1:2] = one_starts[1:] - (one_starts[:-1] + one_lengths[:-1])
-        counts[-1] = self._pixels - (one_starts[-1] + one_lengths[-1])
-        if counts[-1] == 0:  # pycocotools' own encoding ends with the last run, never with an empty one
-            counts = counts[:-1]
-        return counts.astype(np.uint32)
+
+def _areas_and_boxes(rows: torch.Tensor, height_of_segment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_coco_counts`' rows -> each segment's area and COCO box [x, y, width, height] (int64), exactly as
+    pycocotools' `area` and `toBbox` give them for its RLE: a box spans every row once a run of ones continues
+    from one column into the next; an empty mask's box is zeros."""
+    device = height_of_segment.device
+    segments = height_of_segment.numel()
+    segment, start, length = rows[:, 0], rows[:, 1], rows[:, 2]
+    area = torch.zeros(segments, dtype=torch.int64, device=device).index_add_(0, segment, length)
+    height = height_of_segment[segment]
+    last = start + length - 1
+    first_column = torch.div(start, height, rounding_mode="floor")
+    last_column = torch.div(last, height, rounding_mode="floor")
+    spans = (first_column != last_column).to(torch.int64)
+    top = torch.full((segments,), torch.iinfo(torch.int64).max, dtype=torch.int64, device=device)
+    top.scatter_reduce_(0, segment, start - first_column * height, "amin")
+    bottom = torch.full((segments,), -1, dtype=torch.int64, device=device)
+    bottom.scatter_reduce_(0, segment, last - last_column * height, "amax")
+    spanning = torch.zeros(segments, dtype=torch.int64, device=device).scatter_reduce_(0, segment, spans, "amax")
+    top = torch.where(spanning > 0, 0, top)
+    bottom = torch.where(spanning > 0, height_of_segment - 1, bottom)
+    # rows come in start order within a segment: its first run has the leftmost column, its last the rightmost
+    is_first = torch.ones_like(segment, dtype=torch.bool)
+    is_first[1:] = segment[1:] != segment[:-1]
+    is_last = torch.ones_like(is_first)
+    is_last[:-1] = is_first[1:]
+    left = torch.zeros(segments, dtype=torch.int64, device=device)
+    left[segment[is_first]] = first_column[is_first]
+    right = torch.zeros(segments, dtype=torch.int64, device=device)
+    right[segment[is_last]] = last_column[is_last]
+    box = torch.stack([left, top, right - left + 1, bottom - top + 1], dim=1)
+    return area, torch.where((area > 0)[:, None], box, 0)

@@ -221,12 +221,12 @@ class InferenceStage:
 def _segmented_row(row: dict, *, error: StageError | None = None, segments: ImageSegments | None = None) -> dict:
     out = {"image_uri": row["image_uri"], "image_id": row["image_id"], "height": row.get("height"),
            "width": row.get("width"), "segment_task": None, "segment_id": None, "segment_label_id": None,
-           "segment_score": None, "segment_was_fused": None, "segment_runs": None, "run_lengths": None}
+           "segment_score": None, "segment_was_fused": None, "segment_runs": None, "segment_area": None,
+           "segment_bbox": None, "run_lengths": None}
     if error is not None:
         return {**out, **error.as_columns()}
-    runs = segments.run_lengths
     return {**out, "segment_task": segments.task, "segment_id": segments.segment_id,
             "segment_label_id": segments.label_id, "segment_score": segments.score,
-            "segment_was_fused": segments.was_fused, "segment_runs": [len(r) for r in runs],
-            "run_lengths": pack_run_lengths(np.concatenate(runs)) if runs else b"",
-            **NO_ERROR_COLUMNS}
+            "segment_was_fused": segments.was_fused, "segment_runs": segments.runs,
+            "segment_area": segments.area.tolist(), "segment_bbox": segments.bbox.ravel().tolist(),
+            "run_lengths": pack_run_lengths(segments.counts), **NO_ERROR_COLUMNS}

@@ -24,20 +24,25 @@ from dataclasses import asdict, dataclass, field
 
 __all__ = ["NodeShape", "PoolPlan", "PoolPlacementError", "alive_nodes", "plan_pools", "READ_TASK_CPUS",
            "PREPROCESS_CPU_SECONDS_PER_IMAGE", "POSTPROCESS_CPU_SECONDS_PER_IMAGE", "GPU_MODEL_IMAGES_PER_S",
-           "CPU_MODEL_IMAGES_PER_CPU_S"]
+           "CPU_MODEL_IMAGES_PER_CPU_S", "MODEL_ACTOR_ENV_VARS"]
 
 READ_TASK_CPUS = 0.25
 # One core, one 480x640 JPEG decoded and resized to 800x1088 uint8: 6.0-7.2 ms (measured 2026-12-01 on the 2-core
 # dev machine, one torch thread), rounded up for larger and more complex JPEGs.
 PREPROCESS_CPU_SECONDS_PER_IMAGE = 0.010
-# One core, one image of ~75 segments (~1800 run lengths each): RLE strings/area/bbox by pycocotools and its share
-# of the Parquet writes, 4.6-5.3 ms (measured 2026-12-01, same machine).
+# One core, one image of ~75 segments (~1800 run lengths each): RLE strings by pycocotools and its share of the
+# Parquet writes, 4.0 ms (measured 2026-12-01, same machine; areas and boxes come from the model stage).
 POSTPROCESS_CPU_SECONDS_PER_IMAGE = 0.006
 # Swin-T Mask2Former, 800x1088, bf16, batch 16 on one H200: 97.7-99.5 images/s (gpu-facts.md).
 GPU_MODEL_IMAGES_PER_S = 100.0
 # Same model in float32 on CPU: ~9.9 s per image on 2 threads (environment-facts.md).
 CPU_MODEL_IMAGES_PER_CPU_S = 0.05
 HEADROOM = 1.5  # image sizes and JPEG complexity vary; a starved model costs more than an idle decoder
+# The model actor's process environment. torch backs its CPU allocations of 2 MB and more with transparent huge
+# pages (where the kernel's THP mode is `madvise`, the common default): a CPU forward pass allocates and frees
+# hundreds of MB of activations per batch, each page faulted in anew. Swin-T, 800x1088, batch 4, 2 threads:
+# 22.3 -> 17.0 s per batch, page faults 5.9M -> 0.19M, system time 13.1 -> 6.1 s (measured 2026-12-01).
+MODEL_ACTOR_ENV_VARS = {"THP_MEM_ALLOC_ENABLE": "1"}
 GPU_MODEL_ACTOR_CPUS = 1.0  # host side of a GPU model actor: batching, copies, run lengths to the host
 CPU_MODEL_ACTOR_MAX_CPUS = 8.0  # torch's intra-op scaling flattens beyond this; more actors instead
 SIDE_ACTOR_MIN_CPUS = 0.25

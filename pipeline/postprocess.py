@@ -1,7 +1,7 @@
 """Write actors: segment rows (ids, labels, scores, run lengths) -> COCO RLE strings -> segments + images Parquet.
 
 The model stage has already post-processed every task on its device; what arrives here is per segment its
-column-major run lengths. pycocotools turns them into compressed RLE strings, areas and boxes (never a
+column-major run lengths, area and box. pycocotools turns the run lengths into compressed RLE strings (never a
 dense mask), and the batch is committed with the sinks' protocol: segments file first, then images file.
 One small images row per image goes back to the driver.
 """
@@ -15,7 +15,7 @@ import pyarrow as pa
 from pipeline.model_spec import ModelSpec
 from pipeline.progress import report_progress
 from pipeline.records import IMAGES_SCHEMA, SEGMENTS_SCHEMA, ImageRecord, SegmentRecord, StageError, table_from_records
-from pipeline.rle import CompressedMasks, compress_run_lengths, run_lengths_column
+from pipeline.rle import CompressedMasks, rle_strings, run_lengths_column
 from pipeline.sinks import batch_file_stem, write_batch
 from pipeline.storage import StorageConfig
 
@@ -23,13 +23,19 @@ __all__ = ["PostprocessStage", "compressed_masks", "segments_table", "segment_re
 
 
 def compressed_masks(row: dict, run_lengths: np.ndarray) -> CompressedMasks:
-    """One SEGMENTED row's segments (their uint32 run lengths in turn) as pycocotools compresses them."""
+    """One SEGMENTED row's segments (their uint32 run lengths in turn) as pycocotools compresses them, with the
+    areas and boxes the model stage computed."""
+    segments = len(row["segment_task"])
     bounds = np.cumsum([0] + list(row["segment_runs"]))
-    if len(bounds) != len(row["segment_task"]) + 1 or bounds[-1] != len(run_lengths):
-        raise ValueError(f"{len(row['segment_task'])} segments with {len(bounds) - 1} run counts adding up to "
+    if len(bounds) != segments + 1 or bounds[-1] != len(run_lengths):
+        raise ValueError(f"{segments} segments with {len(bounds) - 1} run counts adding up to "
                          f"{bounds[-1]}, but {len(run_lengths)} run lengths")
-    return compress_run_lengths([run_lengths[bounds[k]:bounds[k + 1]] for k in range(len(bounds) - 1)],
-                                height=row["height"], width=row["width"])
+    area, bbox = np.asarray(row["segment_area"], np.int64), np.asarray(row["segment_bbox"], np.float64)
+    if len(area) != segments or len(bbox) != 4 * segments:
+        raise ValueError(f"{segments} segments with {len(area)} areas and {len(bbox)} box values")
+    return CompressedMasks(
+        counts=rle_strings([run_lengths[bounds[k]:bounds[k + 1]] for k in range(segments)], height=row["height"],
+                           width=row["width"]), area=area, bbox=bbox.reshape(segments, 4))
 
 
 def segments_table(rows: list[dict], masks: list[CompressedMasks], *, id2label: dict, model: str,

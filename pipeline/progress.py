@@ -95,13 +95,15 @@ class StallWatchdog(threading.Thread):
     """Polls the tracker; on a stall, or a tracker silent for longer than the stall timeout, it records `failure`
     and stops (the driver waits on it and raises it)."""
 
-    def __init__(self, tracker, *, expected: int, stall_timeout: float, poll_seconds: float = 1.0,
+    def __init__(self, tracker, *, expected: int, stall_timeout: float, poll_seconds: float | None = None,
                  answer_timeout: float = 10.0) -> None:
         super().__init__(name="m2f-stall-watchdog", daemon=True)
         self._tracker = tracker
         self._expected = expected
         self._stall_timeout = stall_timeout
-        self._poll_seconds = poll_seconds
+        # Default: a twentieth of the timeout, within [0.2 s, 5 s]. Each poll wakes the driver, Ray and the
+        # tracker; a stall is a matter of minutes (the default timeout is 10), not of seconds.
+        self._poll_seconds = poll_seconds if poll_seconds is not None else min(5.0, max(0.2, stall_timeout / 20))
         self._answer_timeout = answer_timeout
         self._stop_event = threading.Event()
         self.failure: PipelineStalledError | None = None

@@ -3,7 +3,7 @@
 Every stage exchanges pyarrow tables with an explicit schema, so blocks never disagree on a column's type
 (an all-null column would otherwise become `null` in one block and `string` in the next). No float tensor
 crosses a stage boundary: into the model stage go uint8 pixels (raw bytes plus their shape, flat primitive
-columns that Ray Data sizes correctly), out of it per segment only ids, label, score and run lengths.
+columns that Ray Data sizes correctly), out of it per segment only ids, label, score, area, box and run lengths.
 """
 from __future__ import annotations
 
@@ -51,6 +51,8 @@ SEGMENTED_SCHEMA = pa.schema([
     pa.field("segment_score", pa.list_(pa.float32())),  # null entries for semantic segments
     pa.field("segment_was_fused", pa.list_(pa.bool_())),
     pa.field("segment_runs", pa.list_(pa.int32())),  # how many run lengths each segment has
+    pa.field("segment_area", pa.list_(pa.int64())),  # pixels of each segment
+    pa.field("segment_bbox", pa.list_(pa.int32())),  # COCO x, y, width, height of each segment in turn
     pa.field("run_lengths", pa.large_binary()),  # every segment's column-major COCO run lengths in turn, packed
     # by pipeline.rle.pack_run_lengths
     *_ERROR_FIELDS,

@@ -1,9 +1,10 @@
 """COCO RLE on the host: strings, areas and boxes from column-major run lengths, never from a dense mask.
 
 COCO's uncompressed RLE lists run lengths over the mask read column by column (Fortran order), the first
-run counting zeros (possibly 0 of them). The model stage computes those runs where the masks are and packs
-them into 16-bit words for the trip through the object store (`pack_run_lengths`); here pycocotools
-compresses them into its string form and derives area and bbox, never seeing a dense mask.
+run counting zeros (possibly 0 of them). The model stage computes those runs where the masks are (with each
+mask's area and box) and packs them into 16-bit words for the trip through the object store
+(`pack_run_lengths`); here pycocotools compresses them into its string form, never seeing a dense mask.
+`compress_run_lengths` also gives pycocotools' own area and box, for readers without the model stage's.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pycocotools import mask as coco_mask
 
 from pipeline.records import binary_column_views
 
-__all__ = ["CompressedMasks", "compress_run_lengths", "encode_run_lengths", "encode_mask", "mask_run_lengths",
+__all__ = ["CompressedMasks", "rle_strings", "compress_run_lengths", "encode_run_lengths", "encode_mask", "mask_run_lengths",
            "pack_run_lengths", "unpack_run_lengths", "run_lengths_column"]
 
 # A count that does not fit 16 bits is written as ESCAPE, count >> 15, count & 0x7FFF: neither payload word can
@@ -70,14 +71,24 @@ class CompressedMasks:
     bbox: np.ndarray  # (masks, 4) float64, COCO [x, y, width, height]
 
 
+def rle_strings(run_lengths: list[np.ndarray], *, height: int, width: int) -> list[bytes]:
+    """Masks of one image given as column-major run lengths (first run = zeros) -> compressed COCO RLE strings."""
+    if not run_lengths:
+        return []
+    return [rle["counts"] for rle in coco_mask.frPyObjects(
+        [{"size": [height, width], "counts": counts} for counts in run_lengths], height, width)]
+
+
 def compress_run_lengths(run_lengths: list[np.ndarray], *, height: int, width: int) -> CompressedMasks:
     """Masks of one image given as column-major run lengths (first run = zeros) -> RLE strings, areas, boxes."""
     if not run_lengths:
         return CompressedMasks(counts=[], area=np.zeros(0, np.uint32), bbox=np.zeros((0, 4)))
     rles = coco_mask.frPyObjects([{"size": [height, width], "counts": counts} for counts in run_lengths],
                                  height, width)
-    return CompressedMasks(counts=[rle["counts"] for rle in rles], area=coco_mask.area(rles),
-                           bbox=coco_mask.toBbox(rles))
+    # A mask's area is the sum of its odd runs, as pycocotools' own `area` computes it, but without decoding the
+    # strings back first (that decoding is most of its cost).
+    area = np.array([counts[1::2].sum() for counts in run_lengths], dtype=np.uint32)
+    return CompressedMasks(counts=[rle["counts"] for rle in rles], area=area, bbox=coco_mask.toBbox(rles))
 
 
 def encode_run_lengths(run_lengths: list[np.ndarray], *, height: int, width: int) -> list[dict]:

@@ -29,7 +29,7 @@ from pipeline.listing import IMAGE_EXTENSIONS, list_inputs
 from pipeline.local_ray import REPO_ROOT, connect_ray
 from pipeline.overlays import OVERLAYS_DIR, write_overlays
 from pipeline.model_spec import ModelSpec, resolve_model
-from pipeline.pools import PoolPlan, alive_nodes, plan_pools
+from pipeline.pools import MODEL_ACTOR_ENV_VARS, PoolPlan, alive_nodes, plan_pools
 from pipeline.postprocess import PostprocessStage
 from pipeline.preprocess import PreprocessStage
 from pipeline.progress import StallWatchdog, start_progress_tracker
@@ -200,7 +200,8 @@ def _run_pipeline(pending: pa.Table, options: SegmentationOptions, storage: Stor
     model_stats["batch_size"] = batch_size
     model_resources = {"num_cpus": plan.model_cpus,
                        "memory": _model_actor_memory(spec, batch_size, with_gpu=bool(plan.model_gpus),
-                                                     model_actors=plan.model_actors)}
+                                                     model_actors=plan.model_actors),
+                       "runtime_env": {"env_vars": MODEL_ACTOR_ENV_VARS}}
     if plan.model_gpus:
         model_resources["num_gpus"] = plan.model_gpus
 

@@ -13,6 +13,7 @@ from pycocotools import mask as coco_mask
 
 from m2f_model import post_processing
 from pipeline.device_postprocess import PostprocessSettings, segment_batch
+from pipeline.inference import _segmented_row
 from pipeline.postprocess import segment_records
 from pipeline.rle import encode_mask, encode_run_lengths, mask_run_lengths, pack_run_lengths, unpack_run_lengths
 
@@ -82,6 +83,11 @@ def assert_segments_equal(images, expected) -> None:
         for key, (label_id, score, mask) in wanted.items():
             assert got[key][0] == label_id and got[key][1] == score, key
             assert np.array_equal(got[key][2], mask), key
+        for k in range(len(image.task)):  # the model stage's area and box are pycocotools' own
+            reference = coco_mask.encode(np.asfortranarray(decoded(image.run_lengths[k], image.height,
+                                                                   image.width).astype(np.uint8)))
+            assert image.area[k] == coco_mask.area(reference), k
+            assert image.bbox[k].tolist() == coco_mask.toBbox(reference).tolist(), k
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -152,7 +158,7 @@ def test_run_lengths_give_pycocotools_own_rle_area_and_box(shape):
         reference = coco_mask.encode(np.asfortranarray(mask.astype(np.uint8)))
         encoded = encode_mask(mask)
         assert encoded["counts"] == reference["counts"].decode("ascii") and encoded["size"] == list(shape)
-        assert encoded["area"] == mask.sum()
+        assert encoded["area"] == mask.sum() == coco_mask.area(reference)
         assert encoded["bbox"] == [float(v) for v in coco_mask.toBbox(reference)]
 
 
@@ -188,17 +194,17 @@ def test_segment_records_carry_labels_provenance_and_decodable_rle():
     outputs = random_outputs(1)
     image = segment_batch(outputs.class_queries_logits, outputs.masks_queries_logits, TARGET_SIZES[:1] * 2,
                           PostprocessSettings(**LOW))[0]
-    row = {"image_uri": "/x.png", "image_id": "x.png", "height": image.height, "width": image.width,
-           "segment_task": image.task, "segment_id": image.segment_id, "segment_label_id": image.label_id,
-           "segment_score": image.score, "segment_was_fused": image.was_fused,
-           "segment_runs": [len(r) for r in image.run_lengths]}
+    row = _segmented_row({"image_uri": "/x.png", "image_id": "x.png", "height": image.height,
+                          "width": image.width}, segments=image)
     labels = {k: f"label-{k}" for k in range(6)}
     records = segment_records(row, np.concatenate(image.run_lengths), id2label=labels, model="m@abc", run_id="r")
     assert len(records) == len(image.task) > 0
     for k, record in enumerate(records):
-        mask = coco_mask.decode({"size": record.rle_size, "counts": record.rle_counts}).astype(bool)
+        rle = {"size": record.rle_size, "counts": record.rle_counts.encode()}
+        mask = coco_mask.decode(rle).astype(bool)
         assert np.array_equal(mask, decoded(image.run_lengths[k], image.height, image.width))
-        assert record.label == f"label-{record.label_id}" and record.area == mask.sum()
+        assert record.label == f"label-{record.label_id}" and record.area == mask.sum() == coco_mask.area(rle)
+        assert record.bbox == coco_mask.toBbox(rle).tolist()
         assert (record.model, record.run_id, record.task) == ("m@abc", "r", image.task[k])
 
 
@@ -211,9 +217,11 @@ def test_unknown_task_is_rejected_with_the_choices():
         PostprocessSettings(tasks=("panoptic", "depth"))
 
 
-def test_binary_mask_counts_equal_per_mask_run_lengths():
-    """The all-masks-at-once path for instance masks gives each mask's own COCO counts."""
-    from pipeline.device_postprocess import _MapRuns, _binary_mask_counts, _run_table
+def test_device_counts_equal_each_masks_own_run_lengths():
+    """Binary masks (as instance masks) and the values of a label map (as panoptic and semantic segments), all
+    at once on the device: each segment gets its own COCO counts, empty masks and edge pixels included."""
+    from pipeline.device_postprocess import (_areas_and_boxes, _coco_counts, _label_map_ones, _run_table,
+                                             _run_table_lengths)
 
     rng = np.random.default_rng(5)
     height, width = 9, 7
@@ -221,14 +229,28 @@ def test_binary_mask_counts_equal_per_mask_run_lengths():
     for y, x in ((0, 0), (height - 1, width - 1), (4, 3)):
         masks.append(np.zeros((height, width), bool))
         masks[-1][y, x] = True
-    table = _run_table(torch.from_numpy(np.stack(masks).astype(np.uint8))).numpy()
-    counts = _binary_mask_counts(table, height * width)
-    per_mask = _MapRuns(table, height * width)
-    assert len(counts) == len(masks)
-    for index, mask in enumerate(masks):
-        assert np.array_equal(counts[index], mask_run_lengths(mask)), index
-        assert np.array_equal(counts[index], per_mask.of(index, 1)), index
-        assert counts[index].dtype == np.uint32
+    table = _run_table(torch.from_numpy(np.stack(masks).astype(np.uint8)))
+    lengths = _run_table_lengths(table, height * width)
+    ones = table[:, 2] == 1
+    mask_rows = torch.stack([table[ones, 0].long(), table[ones, 1].long(), lengths[ones]], dim=1)
+    label_map = rng.integers(0, 4, (height, width))
+    label_map[label_map == 2] = 1  # value 2 absent: an empty segment
+    values = [3, 0, 2, 1]  # any order: segments are numbered in this order
+    map_rows, _ = _label_map_ones(torch.from_numpy(label_map), values, first_segment=len(masks))
+    present_rows, present = _label_map_ones(torch.from_numpy(label_map), None, first_segment=len(masks) + 4)
+    assert present.tolist() == [0, 1, 3]
+    expected = [mask_run_lengths(mask) for mask in masks] + [mask_run_lengths(label_map == v)
+                                                             for v in values + [0, 1, 3]]
+    pixels = torch.full((len(expected),), height * width)
+    rows = torch.cat([mask_rows, map_rows, present_rows])
+    counts, runs = _coco_counts(rows, pixels)
+    assert runs.tolist() == [len(e) for e in expected]
+    assert counts.tolist() == np.concatenate(expected).tolist()
+    area, box = _areas_and_boxes(rows, torch.full((len(expected),), height))
+    rles = coco_mask.frPyObjects([{"size": [height, width], "counts": e} for e in expected], height, width)
+    assert area.tolist() == coco_mask.area(rles).tolist()
+    assert box.tolist() == coco_mask.toBbox(rles).tolist()  # a run across columns spans every row, empty: zeros
+    assert any(b[3] == height and b[2] > 1 for b in box.tolist())
 
 
 @pytest.mark.parametrize("small, size", [((7, 5), (7, 5)), ((7, 5), (8, 5)), ((7, 5), (7, 13)), ((6, 9), (40, 31)),
@@ -255,7 +277,6 @@ def test_packed_words_escape_a_long_count_as_its_high_and_low_15_bits():
 def test_write_stage_rows_keep_each_image_and_error_in_order(tmp_path):
     import pyarrow.parquet as pq
 
-    from pipeline.inference import _segmented_row
     from pipeline.postprocess import PostprocessStage
     from pipeline.records import SEGMENTED_SCHEMA, StageError
     from pipeline.storage import StorageConfig
@@ -270,7 +291,7 @@ def test_write_stage_rows_keep_each_image_and_error_in_order(tmp_path):
                             error=StageError("decode", "ImageDecodeError", "not an image"))
     empty = {**rows[1], "image_uri": "/e.png", "image_id": "e.png", "segment_task": [], "segment_id": [],
              "segment_label_id": [], "segment_score": [], "segment_was_fused": [], "segment_runs": [],
-             "run_lengths": b""}
+             "segment_area": [], "segment_bbox": [], "run_lengths": b""}
     batch = pa.Table.from_pylist([rows[0], failed, broken, rows[1], empty], schema=SEGMENTED_SCHEMA)
     spec = SimpleNamespace(id2label={k: f"label-{k}" for k in range(3)}, model_id="m@abc")
     stage = PostprocessStage(spec=spec, storage=StorageConfig.resolve({}, environ={}), output_uri=str(tmp_path),

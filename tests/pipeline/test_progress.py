@@ -62,3 +62,19 @@ def test_a_tracker_silent_beyond_the_stall_timeout_fails_saying_it_is_unreachabl
     message = str(watchdog.failure)
     assert "has not answered for" in message and "ConnectionError: actor died with its node" in message
     assert "stalled in stage" not in message and "1000000000" not in message
+
+
+def test_the_default_poll_interval_follows_the_stall_timeout():
+    """A twentieth of the timeout within [0.2 s, 5 s]: minutes-long timeouts poll every 5 s, short ones still catch a
+    stall within about a twentieth of their length."""
+    class Counting(StallWatchdog):
+        asked = 0
+
+        def _ask_tracker(self) -> tuple[dict, float]:
+            self.asked += 1
+            return COUNTS, 0.0
+
+    assert [Counting(None, expected=EXPECTED, stall_timeout=t)._poll_seconds for t in (600, 40, 1)] == [5.0, 2.0, 0.2]
+    watchdog = Counting(None, expected=EXPECTED, stall_timeout=2.0)  # polls every 0.2 s
+    run_until_done(watchdog, 1.1)
+    assert 3 <= watchdog.asked <= 6 and watchdog.failure is None
