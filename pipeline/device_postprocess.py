@@ -173,12 +173,13 @@ def segments_from_counts(results: list[dict], host: _HostCounts,
                 image.add("semantic", int(label_id), int(label_id), None, False)  # segment_id = label_id
             label += host.semantic_counts[index]
         runs = host.runs[segment:segment + len(image.task)]
+        image_counts = int(runs.sum())
         image.runs = runs.tolist()
-        image.counts = host.counts[count:count + int(runs.sum())]
+        image.counts = host.counts[count:count + image_counts]
         image.area = host.area[segment:segment + len(image.task)]
         image.bbox = host.box[segment:segment + len(image.task)]
         segment += len(image.task)
-        count += int(runs.sum())
+        count += image_counts
         segments.append(image)
     return segments
 
@@ -289,6 +290,15 @@ def _label_map_ones(label_map: torch.Tensor, values: list[int] | None,
     return rows[torch.sort(rows[:, 0], stable=True).indices], values  # the map's runs come in start order
 
 
+def _segment_edges(segment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For rows grouped by segment: whether each row is its segment's first, and whether it is its last."""
+    first = torch.ones_like(segment, dtype=torch.bool)
+    first[1:] = segment[1:] != segment[:-1]
+    last = torch.ones_like(first)
+    last[:-1] = first[1:]
+    return first, last
+
+
 def _coco_counts(rows: torch.Tensor, pixels_of_segment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Runs of ones as (segment, start, length) rows ordered by segment then start -> every segment's COCO run
     lengths in turn (zeros first, possibly 0 of them; no empty last run; an empty mask is [pixels]) and how many
@@ -297,10 +307,7 @@ def _coco_counts(rows: torch.Tensor, pixels_of_segment: torch.Tensor) -> tuple[t
     segments = pixels_of_segment.numel()
     segment, start, length = rows[:, 0], rows[:, 1], rows[:, 2]
     end = start + length
-    first = torch.ones_like(segment, dtype=torch.bool)
-    first[1:] = segment[1:] != segment[:-1]
-    last = torch.ones_like(first)
-    last[:-1] = first[1:]
+    first, last = _segment_edges(segment)
     previous_end = torch.zeros_like(end)
     previous_end[1:] = end[:-1]
     gap = start - torch.where(first, 0, previous_end)  # the zeros before each run of ones
@@ -341,10 +348,7 @@ def _areas_and_boxes(rows: torch.Tensor, height_of_segment: torch.Tensor) -> tup
     top = torch.where(spanning > 0, 0, top)
     bottom = torch.where(spanning > 0, height_of_segment - 1, bottom)
     # rows come in start order within a segment: its first run has the leftmost column, its last the rightmost
-    is_first = torch.ones_like(segment, dtype=torch.bool)
-    is_first[1:] = segment[1:] != segment[:-1]
-    is_last = torch.ones_like(is_first)
-    is_last[:-1] = is_first[1:]
+    is_first, is_last = _segment_edges(segment)
     left = torch.zeros(segments, dtype=torch.int64, device=device)
     left[segment[is_first]] = first_column[is_first]
     right = torch.zeros(segments, dtype=torch.int64, device=device)

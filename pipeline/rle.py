@@ -16,8 +16,8 @@ from pycocotools import mask as coco_mask
 
 from pipeline.records import binary_column_views
 
-__all__ = ["CompressedMasks", "rle_strings", "compress_run_lengths", "encode_run_lengths", "encode_mask", "mask_run_lengths",
-           "pack_run_lengths", "unpack_run_lengths", "run_lengths_column"]
+__all__ = ["CompressedMasks", "rle_strings", "compress_run_lengths", "encode_run_lengths", "encode_mask",
+           "mask_run_lengths", "pack_run_lengths", "unpack_run_lengths", "run_lengths_column"]
 
 # A count that does not fit 16 bits is written as ESCAPE, count >> 15, count & 0x7FFF: neither payload word can
 # equal ESCAPE (counts stay below 2**30, i.e. images below a billion pixels), so escapes are found without
@@ -67,7 +67,7 @@ class CompressedMasks:
     """Masks of one image as pycocotools gives them, one entry per mask."""
 
     counts: list[bytes]  # compressed COCO RLE (ASCII)
-    area: np.ndarray  # (masks,) uint32
+    area: np.ndarray  # (masks,) integer pixels
     bbox: np.ndarray  # (masks, 4) float64, COCO [x, y, width, height]
 
 
@@ -83,12 +83,12 @@ def compress_run_lengths(run_lengths: list[np.ndarray], *, height: int, width: i
     """Masks of one image given as column-major run lengths (first run = zeros) -> RLE strings, areas, boxes."""
     if not run_lengths:
         return CompressedMasks(counts=[], area=np.zeros(0, np.uint32), bbox=np.zeros((0, 4)))
-    rles = coco_mask.frPyObjects([{"size": [height, width], "counts": counts} for counts in run_lengths],
-                                 height, width)
+    counts = rle_strings(run_lengths, height=height, width=width)
     # A mask's area is the sum of its odd runs, as pycocotools' own `area` computes it, but without decoding the
     # strings back first (that decoding is most of its cost).
-    area = np.array([counts[1::2].sum() for counts in run_lengths], dtype=np.uint32)
-    return CompressedMasks(counts=[rle["counts"] for rle in rles], area=area, bbox=coco_mask.toBbox(rles))
+    area = np.array([runs[1::2].sum() for runs in run_lengths], dtype=np.uint32)
+    bbox = coco_mask.toBbox([{"size": [height, width], "counts": string} for string in counts])
+    return CompressedMasks(counts=counts, area=area, bbox=bbox)
 
 
 def encode_run_lengths(run_lengths: list[np.ndarray], *, height: int, width: int) -> list[dict]:
