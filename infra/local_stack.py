@@ -26,6 +26,7 @@ Why the odd-looking details (measured on our 2-core machines, Ray 2.60, moto 5):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import secrets
@@ -48,6 +49,7 @@ __all__ = [
     "RayHead",
     "S3Endpoint",
     "free_port",
+    "free_ports",
     "start_ray_head",
     "stop_ray_head",
     "start_s3_endpoint",
@@ -65,9 +67,22 @@ DEFAULT_STATE_DIR = Path(os.environ.get("M2F_LOCAL_STACK_DIR", "/tmp/m2f-local-s
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((LOOPBACK, 0))
-        return probe.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(count: int, *, besides: tuple[int, ...] = ()) -> list[int]:
+    """`count` distinct TCP ports on 127.0.0.1 that nothing listens on right now, none of them in `besides`.
+
+    The probes stay bound until all are picked: ports picked one after another can repeat (Ray then refuses to
+    start, two of its components given one port)."""
+    with contextlib.ExitStack() as stack:
+        ports: list[int] = []
+        while len(ports) < count:
+            probe = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            probe.bind((LOOPBACK, 0))
+            if probe.getsockname()[1] not in besides:
+                ports.append(probe.getsockname()[1])
+        return ports
 
 
 def _venv_bin() -> Path:
@@ -139,21 +154,11 @@ def start_ray_head(
     """
     if auth not in ("token", "disabled"):
         raise ValueError(f"auth={auth!r}: use 'token' or 'disabled'")
-    port = port or free_port()
-    dashboard_port = dashboard_port or free_port()
-    ports = {
-        "gcs": port,
-        "dashboard": dashboard_port,
-        "ray_client_server": free_port(),
-        "dashboard_agent_listen": free_port(),
-        "dashboard_agent_grpc": free_port(),
-        "runtime_env_agent": free_port(),
-        "metrics_export": free_port(),
-        "node_manager": free_port(),
-        "object_manager": free_port(),
-        "autoscaler_metrics": free_port(),
-        "dashboard_metrics": free_port(),
-    }
+    components = ("ray_client_server", "dashboard_agent_listen", "dashboard_agent_grpc", "runtime_env_agent",
+                  "metrics_export", "node_manager", "object_manager", "autoscaler_metrics", "dashboard_metrics")
+    picked = free_ports(2 + len(components), besides=tuple(p for p in (port, dashboard_port) if p))
+    port, dashboard_port = port or picked[0], dashboard_port or picked[1]
+    ports = {"gcs": port, "dashboard": dashboard_port, **dict(zip(components, picked[2:]))}
     # Short path: Ray puts Unix sockets under it, and those are limited to ~107 characters.
     temp_dir = Path(temp_dir or f"/tmp/m2f-ray-{port}")
     temp_dir.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from infra.local_stack import LOOPBACK, is_running, listening_ports
+from infra.local_stack import LOOPBACK, free_ports, is_running, listening_ports
 
 pytestmark = pytest.mark.slow
 
@@ -87,3 +87,10 @@ def test_local_stack_cli_up_serves_on_loopback_and_down_stops_only_its_own_stack
     still = subprocess.run(["ss", "-ltnH"], capture_output=True, text=True).stdout
     assert not [port for port in ports if f":{port} " in still], "ports still listening after down"
     assert is_running(ray_head.pid) and ray_head.job_api_answers(), "down stopped another cluster too"
+
+
+def test_ports_picked_together_are_distinct_and_avoid_the_given_ones():
+    # Ray's head gets a dozen ports at once; picked one by one they could repeat, and Ray refuses to start.
+    taken = tuple(free_ports(2))
+    ports = free_ports(40, besides=taken)
+    assert len(set(ports)) == 40 and not set(ports) & set(taken)
